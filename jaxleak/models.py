@@ -1,0 +1,374 @@
+"""Victim networks, their initialisers and the "last layer" convention.
+
+Every model is a ``flax.linen`` module taking NHWC images with a leading batch
+axis and returning logits ``(N, K)``; called with ``return_feature=True`` it
+returns ``(logits, h)`` where ``h`` ``(N, d)`` is the input of the last layer
+(needed by Wang, Liang, He, ICLR 2024).
+
+The last layer convention
+-------------------------
+Every model names its last ``Dense`` ``"head"``. Its kernel is stored in flax
+layout ``(d, K)`` (PyTorch's ``Linear.weight`` is the transpose, ``(K, d)``),
+so for one example ``logits = h @ kernel (+ bias)`` and the cross-entropy
+gradient is ``d kernel = outer(h, p - y)``, ``d bias = p - y``.
+:func:`last_layer` fetches ``(kernel, bias_or_None)`` from any params pytree
+*or* from a gradient pytree of the same structure.
+
+Initialisers
+------------
+Pure functions ``(params, key) -> params`` acting on the ``"params"``
+collection (``batch_stats`` are never touched):
+:func:`init_uniform` (iDLG: U(-0.5, 0.5) on every weight and bias),
+:func:`init_torch_default` (PyTorch's default ``Linear``/``Conv`` init,
+BatchNorm gamma=1, beta=0) and :func:`init_torch_resnet` (torchvision's
+ResNet constructor: Kaiming-normal fan-out convs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PyTree = Any
+
+HEAD = "head"
+
+
+# --------------------------------------------------------------------------
+# Networks
+# --------------------------------------------------------------------------
+
+
+def _flatten(x: Array) -> Array:
+    """Flattens all but the batch axis in NHWC order (H, W, C)."""
+    return x.reshape((x.shape[0], -1))
+
+
+class LeNet(nn.Module):
+    """The DLG/iDLG "LeNet-Zhu" (Zhu et al. 2019; Zhao et al. 2020), ALGORITHMS.md §2.5.
+
+    Three 5x5 convolutions with 12 channels, strides 2, 2, 1 and explicit
+    symmetric padding 2 (XLA's 'SAME' pads (1, 2) at stride 2), a sigmoid after
+    each, flatten (NHWC order) and one ``Dense`` to ``num_classes``.
+    ``head_bias=False`` is paper 2's bias-free variant. 32x32x3 input -> d=768;
+    28x28x1 -> d=588.
+    """
+
+    num_classes: int
+    head_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, return_feature: bool = False, train: bool = False):
+        del train  # No dropout or normalisation.
+        for i, stride in enumerate((2, 2, 1)):
+            x = nn.Conv(12, (5, 5), strides=(stride, stride), padding=((2, 2), (2, 2)), name=f"conv{i + 1}")(x)
+            x = nn.sigmoid(x)
+        h = _flatten(x)
+        logits = nn.Dense(self.num_classes, use_bias=self.head_bias, name=HEAD)(h)
+        return (logits, h) if return_feature else logits
+
+
+class FCN4(nn.Module):
+    """Paper 2's bias-free 4-layer MLP: in -> 4096 -> 1024 -> 256 -> K with ReLU (§5.3).
+
+    The image is flattened in NHWC order (12288 inputs for 64x64x3). The last
+    feature ``h`` (256) is post-ReLU, hence non-negative.
+    """
+
+    num_classes: int
+    widths: Sequence[int] = (4096, 1024, 256)
+
+    @nn.compact
+    def __call__(self, x: Array, *, return_feature: bool = False, train: bool = False):
+        del train
+        h = _flatten(x)
+        for i, width in enumerate(self.widths):
+            h = nn.relu(nn.Dense(width, use_bias=False, name=f"fc{i + 1}")(h))
+        logits = nn.Dense(self.num_classes, use_bias=False, name=HEAD)(h)
+        return (logits, h) if return_feature else logits
+
+
+def _max_pool(x: Array, window: int = 3, stride: int = 2, padding: int = 0) -> Array:
+    pad = ((padding, padding), (padding, padding))
+    return nn.max_pool(x, (window, window), strides=(stride, stride), padding=pad)
+
+
+def adaptive_avg_pool(x: Array, output_size: tuple[int, int]) -> Array:
+    """PyTorch's ``AdaptiveAvgPool2d`` on NHWC input (bins floor(i*H/o) .. ceil((i+1)*H/o))."""
+    _, height, width, _ = x.shape
+    out_h, out_w = output_size
+    if (height, width) == (out_h, out_w):
+        return x
+    rows = []
+    for i in range(out_h):
+        h0, h1 = (i * height) // out_h, -(-((i + 1) * height) // out_h)
+        cols = []
+        for j in range(out_w):
+            w0, w1 = (j * width) // out_w, -(-((j + 1) * width) // out_w)
+            cols.append(jnp.mean(x[:, h0:h1, w0:w1, :], axis=(1, 2)))
+        rows.append(jnp.stack(cols, axis=1))
+    return jnp.stack(rows, axis=1)
+
+
+class AlexNet(nn.Module):
+    """torchvision-style AlexNet with a bias-free head, as in paper 2 (§5.3).
+
+    Features: conv11 s4 p2 (64), pool, conv5 p2 (192), pool, conv3 p1 (384,
+    256, 256), pool, adaptive average pool to 6x6; classifier: dropout,
+    9216->4096, ReLU, dropout, 4096->4096, ReLU, head 4096->K (no bias).
+    Dropout is active only with ``train=True`` (needs a ``"dropout"`` rng).
+    """
+
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: Array, *, return_feature: bool = False, train: bool = False):
+        conv = lambda f, k, s, p, name: nn.Conv(f, (k, k), strides=(s, s), padding=((p, p), (p, p)), name=name)
+        x = _max_pool(nn.relu(conv(64, 11, 4, 2, "conv1")(x)))
+        x = _max_pool(nn.relu(conv(192, 5, 1, 2, "conv2")(x)))
+        x = nn.relu(conv(384, 3, 1, 1, "conv3")(x))
+        x = nn.relu(conv(256, 3, 1, 1, "conv4")(x))
+        x = _max_pool(nn.relu(conv(256, 3, 1, 1, "conv5")(x)))
+        x = adaptive_avg_pool(x, (6, 6))
+        # PyTorch flattens (C, H, W); keep that order so ported weights line up.
+        h = x.transpose(0, 3, 1, 2).reshape((x.shape[0], -1))
+        h = nn.Dropout(0.5, deterministic=not train)(h)
+        h = nn.relu(nn.Dense(4096, name="fc1")(h))
+        h = nn.Dropout(0.5, deterministic=not train)(h)
+        h = nn.relu(nn.Dense(4096, name="fc2")(h))
+        logits = nn.Dense(self.num_classes, use_bias=False, name=HEAD)(h)
+        return (logits, h) if return_feature else logits
+
+
+def _batch_norm(train: bool, name: Optional[str] = None) -> nn.BatchNorm:
+    # PyTorch momentum 0.1 == flax momentum 0.9; eps 1e-5 as PyTorch.
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (two 3x3 convs), projection shortcut when shape changes."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        conv = lambda f, k, s, name: nn.Conv(
+            f, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=False, name=name
+        )
+        y = nn.relu(_batch_norm(train, "bn1")(conv(self.features, 3, self.stride, "conv1")(x)))
+        y = _batch_norm(train, "bn2")(conv(self.features, 3, 1, "conv2")(y))
+        if self.stride != 1 or x.shape[-1] != self.features:
+            x = _batch_norm(train, "shortcut_bn")(conv(self.features, 1, self.stride, "shortcut")(x))
+        return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+    """ResNet v1.5 bottleneck (stride on the 3x3 conv, as torchvision), expansion 4."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        conv = lambda f, k, s, name: nn.Conv(
+            f, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=False, name=name
+        )
+        out = self.features * 4
+        y = nn.relu(_batch_norm(train, "bn1")(conv(self.features, 1, 1, "conv1")(x)))
+        y = nn.relu(_batch_norm(train, "bn2")(conv(self.features, 3, self.stride, "conv2")(y)))
+        y = _batch_norm(train, "bn3")(conv(out, 1, 1, "conv3")(y))
+        if self.stride != 1 or x.shape[-1] != out:
+            x = _batch_norm(train, "shortcut_bn")(conv(out, 1, self.stride, "shortcut")(x))
+        return nn.relu(x + y)
+
+
+class _ResNet(nn.Module):
+    num_classes: int
+    stage_sizes: Sequence[int]
+    block: Callable[..., nn.Module]
+    stem: str = "imagenet"
+
+    @nn.compact
+    def __call__(self, x: Array, *, return_feature: bool = False, train: bool = False):
+        if self.stem == "imagenet":
+            x = nn.Conv(64, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)), use_bias=False, name="stem_conv")(x)
+            x = nn.relu(_batch_norm(train, "stem_bn")(x))
+            x = _max_pool(x, 3, 2, 1)
+        elif self.stem == "cifar":
+            x = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, name="stem_conv")(x)
+            x = nn.relu(_batch_norm(train, "stem_bn")(x))
+        else:
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        for stage, num_blocks in enumerate(self.stage_sizes):
+            for b in range(num_blocks):
+                stride = 2 if stage > 0 and b == 0 else 1
+                x = self.block(64 * 2**stage, stride, name=f"layer{stage + 1}_{b}")(x, train)
+        h = jnp.mean(x, axis=(1, 2))
+        logits = nn.Dense(self.num_classes, use_bias=False, name=HEAD)(h)
+        return (logits, h) if return_feature else logits
+
+
+def ResNet18(num_classes: int, stem: str = "imagenet") -> nn.Module:
+    """ResNet18 with a bias-free head (paper 2, §5.3).
+
+    ``stem="imagenet"``: conv7x7 s2 + BN + ReLU + maxpool3 s2 (paper 2's
+    ``model.py``, used untrained on every dataset); ``stem="cifar"``: conv3x3
+    s1, no maxpool (its ``resnet.py``, the trained CIFAR/Flowers variant).
+    BatchNorm runs in inference mode unless ``train=True``.
+    """
+    return _ResNet(num_classes=num_classes, stage_sizes=(2, 2, 2, 2), block=BasicBlock, stem=stem)
+
+
+def ResNet50(num_classes: int) -> nn.Module:
+    """ResNet50 (torchvision v1.5 bottlenecks [3, 4, 6, 3], ImageNet stem), bias-free head."""
+    return _ResNet(num_classes=num_classes, stage_sizes=(3, 4, 6, 3), block=Bottleneck, stem="imagenet")
+
+
+# --------------------------------------------------------------------------
+# The last layer
+# --------------------------------------------------------------------------
+
+
+def _params_collection(tree: PyTree) -> PyTree:
+    """Accepts a variables dict ``{"params": ..., ...}`` or the params dict itself."""
+    if isinstance(tree, dict) or hasattr(tree, "keys"):
+        if "params" in tree:
+            return tree["params"]
+        if HEAD in tree:
+            return tree
+    raise ValueError(
+        f"expected a flax variables/params pytree with a {HEAD!r} layer (the last-layer convention), "
+        f"got keys {list(tree.keys()) if hasattr(tree, 'keys') else type(tree).__name__}"
+    )
+
+
+def last_layer(tree: PyTree) -> tuple[Array, Optional[Array]]:
+    """Returns ``(kernel (d, K), bias (K,) or None)`` of the last layer.
+
+    Works equally on a params pytree and on a gradient pytree with the same
+    structure (then it returns the kernel gradient and bias gradient). Leading
+    (victim) axes are kept: stacked params give ``(V, d, K)``.
+    """
+    head = _params_collection(tree)[HEAD]
+    return head["kernel"], head.get("bias")
+
+
+# --------------------------------------------------------------------------
+# Initialisers: pure functions (params, key) -> params
+# --------------------------------------------------------------------------
+
+
+def _map_modules(params: PyTree, key: Array, fn: Callable[[dict, Array], dict]) -> PyTree:
+    """Applies ``fn(module_dict, key)`` to every leaf module (a dict of arrays)."""
+
+    def rec(node, key):
+        if all(not isinstance(v, dict) for v in node.values()):
+            return fn(dict(node), key)
+        keys = jax.random.split(key, len(node))
+        return {name: rec(child, k) for (name, child), k in zip(sorted(node.items()), keys)}
+
+    collection = _params_collection(params)
+    new = rec(collection, key)
+    if "params" in params:
+        return {**params, "params": new}
+    return new
+
+
+def init_uniform(params: PyTree, key: Array, scale: float = 0.5) -> PyTree:
+    """iDLG's init (Zhao et al. 2020, ``weights_init``): every weight and bias ~ U(-scale, scale).
+
+    Includes BatchNorm's gamma/beta, as paper 2's untrained ResNet50 does.
+    (``flax.linen.initializers.uniform`` draws from [0, s): not this.)
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(_params_collection(params))
+    keys = jax.random.split(key, len(leaves))
+    new = [jax.random.uniform(k, x.shape, x.dtype, -scale, scale) for k, x in zip(keys, leaves)]
+    new = jax.tree_util.tree_unflatten(treedef, new)
+    return {**params, "params": new} if "params" in params else new
+
+
+def _torch_default_module(module: dict, key: Array) -> dict:
+    if "scale" in module:  # BatchNorm
+        return {"scale": jnp.ones_like(module["scale"]), "bias": jnp.zeros_like(module["bias"])}
+    kernel = module["kernel"]
+    bound = 1.0 / math.sqrt(math.prod(kernel.shape[:-1]))  # fan_in: kh*kw*in or in
+    kw, kb = jax.random.split(key)
+    out = {"kernel": jax.random.uniform(kw, kernel.shape, kernel.dtype, -bound, bound)}
+    if "bias" in module:
+        out["bias"] = jax.random.uniform(kb, module["bias"].shape, kernel.dtype, -bound, bound)
+    return out
+
+
+def init_torch_default(params: PyTree, key: Array) -> PyTree:
+    """PyTorch's default init: ``Linear``/``Conv`` weight and bias ~ U(+-1/sqrt(fan_in)), BN gamma=1, beta=0.
+
+    ``kaiming_uniform_(a=sqrt(5))`` reduces to this bound. Paper 2's untrained
+    FCN-4 uses it (§5.3).
+    """
+    return _map_modules(params, key, _torch_default_module)
+
+
+def _torch_resnet_module(module: dict, key: Array) -> dict:
+    kernel = module.get("kernel")
+    if kernel is not None and kernel.ndim == 4:
+        fan_out = kernel.shape[0] * kernel.shape[1] * kernel.shape[3]
+        out = {"kernel": jax.random.normal(key, kernel.shape, kernel.dtype) * math.sqrt(2.0 / fan_out)}
+        if "bias" in module:
+            out["bias"] = jnp.zeros_like(module["bias"])
+        return out
+    return _torch_default_module(module, key)
+
+
+def init_torch_resnet(params: PyTree, key: Array) -> PyTree:
+    """torchvision's ResNet init: convs Kaiming-normal (fan_out, ReLU), BN 1/0, Linear PyTorch default.
+
+    Paper 2's untrained ResNet18 (§5.3).
+    """
+    return _map_modules(params, key, _torch_resnet_module)
+
+
+def init_flax(params: PyTree, key: Array) -> PyTree:
+    """Keeps flax's own initialisation (identity; for a uniform ``init=`` interface)."""
+    del key
+    return params
+
+
+INITS: dict[str, Callable[[PyTree, Array], PyTree]] = {
+    "uniform": init_uniform,
+    "torch": init_torch_default,
+    "torch_resnet": init_torch_resnet,
+    "flax": init_flax,
+}
+
+
+def get_init(init: str | Callable[[PyTree, Array], PyTree]) -> Callable[[PyTree, Array], PyTree]:
+    """Resolves an initialiser by name (``uniform``, ``torch``, ``torch_resnet``, ``flax``) or passes a callable."""
+    if callable(init):
+        return init
+    try:
+        return INITS[init]
+    except KeyError:
+        raise ValueError(f"unknown init {init!r}; expected one of {sorted(INITS)} or a callable") from None
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "lenet": LeNet,
+    "fcn4": FCN4,
+    "alexnet": AlexNet,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
+}
+
+
+def get_model(name: str, num_classes: int, **kwargs) -> nn.Module:
+    """Builds a model by name (``lenet``, ``fcn4``, ``alexnet``, ``resnet18``, ``resnet50``)."""
+    try:
+        return MODELS[name](num_classes, **kwargs)
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}") from None

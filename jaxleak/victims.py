@@ -1,0 +1,299 @@
+"""The victim side of the threat model: one client's shared gradient, and many clients at once.
+
+A victim holds one example ``(x, y)`` (``x`` an HWC image without a batch
+axis, ``y`` a probability vector of length K: one-hot, smoothed or mixed) and
+a model ``params`` (flax variables: ``{"params": ..., "batch_stats": ...}``).
+It shares ``grad_theta CE(f_theta(x), y)``: :func:`gradient`. Many victims are
+the same function under ``jax.vmap`` (:func:`gradients`), with one shared
+model or one model per victim (stacked params, :func:`init_victims`), run in
+chunks that fit a memory budget.
+
+``apply_fn`` is ``model.apply``: ``apply_fn(variables, x_batch)`` returns
+logits, and with ``return_feature=True`` returns ``(logits, h)``. BatchNorm
+runs in inference mode (attacks use eval-mode networks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxleak import models as _models
+
+Array = jax.Array
+PyTree = Any
+ApplyFn = Callable[..., Any]
+
+#: Default memory budget for one chunk of victims (bytes), per backend.
+DEFAULT_MEMORY_BUDGET = {"cpu": 2 * 2**30, "gpu": 16 * 2**30, "tpu": 8 * 2**30}
+
+#: Fastest strategy per backend for per-example gradients, from
+#: ``experiments/bench_gradients.py`` (see README "Benchmarks").
+DEFAULT_STRATEGY = {"cpu": "vmap", "gpu": "vmap", "tpu": "vmap"}
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def cross_entropy(logits: Array, y: Array) -> Array:
+    """Soft-label cross-entropy of one example, ``-sum_k y_k log softmax(z)_k``.
+
+    With a one-hot ``y`` this is the standard CE; its gradient w.r.t. the
+    logits is ``softmax(z) - y`` for every ``y`` that sums to one.
+    """
+    return -jnp.sum(y * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+
+
+def check_example(x: Array, y: Array, *, tol: float = 1e-4) -> None:
+    """Raises ``ValueError`` unless ``x`` is one HWC example and ``y`` one probability vector.
+
+    Shape checks always run (shapes are static); value checks (finite,
+    non-negative, summing to one within ``tol``) run when the arrays are
+    concrete, i.e. outside ``jit``/``vmap``.
+    """
+    if jnp.ndim(x) != 3:
+        hint = " (it looks batched: use gradients() for many victims)" if jnp.ndim(x) == 4 else ""
+        raise ValueError(f"x must be one example of shape (H, W, C) without a batch axis, got shape {jnp.shape(x)}{hint}")
+    if jnp.ndim(y) != 1:
+        raise ValueError(
+            f"y must be one probability vector of shape (K,), got shape {jnp.shape(y)}; "
+            "use jaxleak.labels.one_hot for class indices"
+        )
+    if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise ValueError("x contains NaN or Inf")
+    if _is_concrete(y):
+        y = np.asarray(y, dtype=np.float64)
+        if not np.all(np.isfinite(y)):
+            raise ValueError("y contains NaN or Inf")
+        if np.any(y < -tol) or abs(y.sum() - 1.0) > tol:
+            raise ValueError(f"y must be a probability vector (entries >= 0, sum 1), got sum {y.sum():.6g}, min {y.min():.3g}")
+
+
+def _logits_and_feature(apply_fn: ApplyFn, params: PyTree, x: Array) -> tuple[Array, Array]:
+    logits, h = apply_fn(params, x[None], return_feature=True)
+    return logits[0], h[0]
+
+
+def loss(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> Array:
+    """The victim's training loss on one example: soft-label CE of ``apply_fn(params, x[None])``."""
+    logits = apply_fn(params, x[None])[0]
+    if logits.shape[-1] != y.shape[-1]:
+        raise ValueError(f"y has {y.shape[-1]} classes but the model outputs {logits.shape[-1]} logits")
+    return cross_entropy(logits, y)
+
+
+def gradient(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> PyTree:
+    """The shared update of ONE victim: ``grad_theta CE(f_theta(x), y)`` for a single example.
+
+    Args:
+      apply_fn: ``model.apply``.
+      params: flax variables ``{"params": ..., ["batch_stats": ...]}`` (or a bare params dict).
+      x: one image ``(H, W, C)``, no batch axis.
+      y: label distribution ``(K,)`` summing to one (one-hot, smoothed or mixed).
+
+    Returns:
+      The gradient w.r.t. the ``"params"`` collection (same structure as
+      ``params["params"]``); ``jaxleak.models.last_layer`` reads its head.
+    """
+    check_example(x, y)
+    if "params" in params:
+        rest = {k: v for k, v in params.items() if k != "params"}
+        return jax.grad(lambda p: loss(apply_fn, {**rest, "params": p}, x, y))(params["params"])
+    return jax.grad(lambda p: loss(apply_fn, p, x, y))(params)
+
+
+def feature(apply_fn: ApplyFn, params: PyTree, x: Array) -> Array:
+    """The last-layer input feature ``h`` ``(d,)`` of one example (the quantity paper 2 recovers)."""
+    if jnp.ndim(x) != 3:
+        raise ValueError(f"x must be one example of shape (H, W, C), got shape {jnp.shape(x)}")
+    return _logits_and_feature(apply_fn, params, x)[1]
+
+
+# --------------------------------------------------------------------------
+# Many victims
+# --------------------------------------------------------------------------
+
+
+def _leading_size(tree: PyTree) -> int:
+    sizes = {leaf.shape[0] if jnp.ndim(leaf) else None for leaf in jax.tree_util.tree_leaves(tree)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"stacked per-victim params must share one leading victim axis, found sizes {sizes}")
+    return sizes.pop()
+
+
+def _tree_bytes(tree: PyTree) -> int:
+    return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def victim_bytes(fn: Callable, *one_victim_args) -> int:
+    """Estimates the device memory one victim needs in ``fn`` (compiled memory analysis, with a fallback)."""
+    try:
+        stats = jax.jit(fn).lower(*one_victim_args).compile().memory_analysis()
+        total = stats.temp_size_in_bytes + stats.output_size_in_bytes + stats.argument_size_in_bytes
+        if total > 0:
+            return int(total)
+    except Exception:  # noqa: BLE001 - memory analysis is best-effort on some backends.
+        pass
+    return 8 * _tree_bytes(one_victim_args)
+
+
+def chunk_size_for(fn: Callable, one_victim_args: tuple, num_victims: int, memory_budget: Optional[int] = None) -> int:
+    """How many victims fit one chunk of ``fn`` under ``memory_budget`` bytes (backend default if None)."""
+    budget = memory_budget or DEFAULT_MEMORY_BUDGET.get(jax.default_backend(), DEFAULT_MEMORY_BUDGET["cpu"])
+    return int(max(1, min(num_victims, budget // max(1, victim_bytes(fn, *one_victim_args)))))
+
+
+def map_victims(
+    fn: Callable,
+    args: tuple,
+    in_axes: tuple,
+    *,
+    chunk_size: Optional[int] = None,
+    strategy: str = "auto",
+    memory_budget: Optional[int] = None,
+    progress: bool = False,
+    desc: str = "victims",
+) -> PyTree:
+    """Maps a one-victim function over a leading victim axis, in memory-sized chunks.
+
+    Args:
+      fn: pure function of one victim's arguments.
+      args: its arguments; those with ``in_axes`` 0 carry a leading victim axis.
+      in_axes: 0 (mapped) or None (shared) per argument, as ``jax.vmap``.
+      chunk_size: victims per chunk; default from ``memory_budget`` via :func:`chunk_size_for`.
+      strategy: ``"vmap"`` (one ``jit(vmap(fn))`` per chunk), ``"loop"`` (a Python
+        loop of ``jit(fn)``) or ``"auto"`` (the measured default for the backend).
+      progress: show a tqdm bar over chunks.
+
+    The last chunk is padded to the chunk size (by repeating its final victim)
+    so every chunk reuses one compiled program; padding is dropped from the
+    result. Returns ``fn``'s outputs stacked over victims.
+    """
+    mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
+    if not mapped:
+        raise ValueError("map_victims needs at least one argument with a victim axis (in_axes 0)")
+    sizes = {_leading_size(a) for a in mapped}
+    if len(sizes) != 1:
+        raise ValueError(f"victim axes disagree: leading sizes {sorted(sizes)}")
+    n = sizes.pop()
+    if strategy == "auto":
+        strategy = DEFAULT_STRATEGY.get(jax.default_backend(), "vmap")
+    if strategy not in ("vmap", "loop"):
+        raise ValueError(f"strategy must be 'vmap', 'loop' or 'auto', got {strategy!r}")
+
+    take = lambda a, ax, sl: jax.tree_util.tree_map(lambda v: v[sl], a) if ax == 0 else a
+    if strategy == "loop":
+        single = jax.jit(fn)
+        outs = []
+        it = range(n)
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(it, desc=desc, unit="victim")
+        for i in it:
+            outs.append(single(*(take(a, ax, i) for a, ax in zip(args, in_axes))))
+        return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
+
+    if chunk_size is None:
+        chunk_size = n if n <= 256 else chunk_size_for(fn, tuple(take(a, ax, 0) for a, ax in zip(args, in_axes)), n, memory_budget)
+    chunk_size = max(1, min(chunk_size, n))
+    batched = jax.jit(jax.vmap(fn, in_axes=in_axes))
+    starts = range(0, n, chunk_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="chunk")
+    outs = []
+    for s in starts:
+        idx = np.minimum(np.arange(s, s + chunk_size), n - 1)  # pad by repeating the last victim
+        out = batched(*(take(a, ax, idx) for a, ax in zip(args, in_axes)))
+        outs.append(jax.tree_util.tree_map(lambda v: v[: min(chunk_size, n - s)], out))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
+def gradients(
+    apply_fn: ApplyFn,
+    params: PyTree,
+    xs: Array,
+    ys: Array,
+    *,
+    per_victim_params: bool = False,
+    chunk_size: Optional[int] = None,
+    strategy: str = "auto",
+    memory_budget: Optional[int] = None,
+    progress: bool = False,
+) -> PyTree:
+    """Shared gradients of many victims, one example each: :func:`gradient` under ``vmap``.
+
+    Args:
+      apply_fn: ``model.apply``.
+      params: one model's variables shared by all victims, or (with
+        ``per_victim_params=True``) stacked variables with a leading victim axis
+        (:func:`init_victims`).
+      xs: ``(V, H, W, C)`` images; ys: ``(V, K)`` label distributions.
+
+    Returns:
+      The gradient pytree with a leading victim axis ``V``.
+    """
+    if jnp.ndim(xs) != 4:
+        raise ValueError(f"xs must be (V, H, W, C), got shape {jnp.shape(xs)}")
+    if jnp.ndim(ys) != 2 or jnp.shape(ys)[0] != jnp.shape(xs)[0]:
+        raise ValueError(f"ys must be (V, K) with V = {jnp.shape(xs)[0]}, got shape {jnp.shape(ys)}")
+    if _is_concrete(ys):
+        y64 = np.asarray(ys, dtype=np.float64)
+        bad = np.flatnonzero(~np.isfinite(y64).all(1) | (np.abs(y64.sum(1) - 1) > 1e-4) | (y64.min(1) < -1e-4))
+        if bad.size:
+            raise ValueError(f"ys rows must be probability vectors; victims {bad[:10].tolist()} are not")
+    if _is_concrete(xs) and not bool(jnp.all(jnp.isfinite(xs))):
+        raise ValueError("xs contains NaN or Inf")
+    if per_victim_params and _leading_size(params) != jnp.shape(xs)[0]:
+        raise ValueError(f"per-victim params have {_leading_size(params)} victims but xs has {jnp.shape(xs)[0]}")
+    fn = lambda p, x, y: gradient(apply_fn, p, x, y)
+    return map_victims(
+        fn,
+        (params, xs, ys),
+        (0 if per_victim_params else None, 0, 0),
+        chunk_size=chunk_size,
+        strategy=strategy,
+        memory_budget=memory_budget,
+        progress=progress,
+        desc="gradients",
+    )
+
+
+def init_victims(
+    model: nn.Module,
+    key: Array,
+    n: int,
+    input_shape: tuple[int, ...],
+    init: str | Callable[[PyTree, Array], PyTree] = "flax",
+) -> PyTree:
+    """``n`` independently initialised copies of ``model`` as one stacked variables pytree.
+
+    The iDLG protocol draws a fresh network per trial. ``input_shape`` is one
+    example's ``(H, W, C)``. ``init`` is a name in ``jaxleak.models.INITS`` or
+    a pure ``(params, key) -> params`` function. For non-flax inits the model
+    is initialised once for its structure and only the initialiser is vmapped
+    (flax's own init compiles slowly under vmap). ``batch_stats`` (mean 0,
+    var 1) are shared values, stacked.
+    """
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be one example's (H, W, C), got {input_shape}")
+    init_fn = _models.get_init(init)
+    dummy = jnp.zeros((1, *input_shape), jnp.float32)
+    keys = jax.random.split(key, n)
+    if init_fn is _models.init_flax:
+        return jax.jit(jax.vmap(lambda k: model.init(k, dummy)))(keys)
+    template = jax.jit(model.init)(jax.random.PRNGKey(0), dummy)
+    rest = {k: v for k, v in template.items() if k != "params"}
+
+    def one(k):
+        return {**rest, "params": init_fn(template["params"], k)}
+
+    return jax.jit(jax.vmap(one))(keys)
