@@ -93,7 +93,8 @@ def gradient(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> PyTree:
 
     Args:
       apply_fn: ``model.apply``.
-      params: flax variables ``{"params": ..., ["batch_stats": ...]}`` (or a bare params dict).
+      params: flax variables ``{"params": ..., ["batch_stats": ...]}``; a bare params
+        collection is wrapped as ``{"params": params}``.
       x: one image ``(H, W, C)``, no batch axis.
       y: label distribution ``(K,)`` summing to one (one-hot, smoothed or mixed).
 
@@ -102,10 +103,10 @@ def gradient(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> PyTree:
       ``params["params"]``); ``jaxleak.models.last_layer`` reads its head.
     """
     check_example(x, y)
-    if "params" in params:
-        rest = {k: v for k, v in params.items() if k != "params"}
-        return jax.grad(lambda p: loss(apply_fn, {**rest, "params": p}, x, y))(params["params"])
-    return jax.grad(lambda p: loss(apply_fn, p, x, y))(params)
+    if "params" not in params:  # a bare params collection
+        params = {"params": params}
+    rest = {k: v for k, v in params.items() if k != "params"}
+    return jax.grad(lambda p: loss(apply_fn, {**rest, "params": p}, x, y))(params["params"])
 
 
 def feature(apply_fn: ApplyFn, params: PyTree, x: Array) -> Array:

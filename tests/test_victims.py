@@ -1,0 +1,147 @@
+"""Victims: the shared gradient of one example and of many (vmap, loop, chunks, per-victim models)."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxleak as jl
+from jaxleak import models, victims
+
+K = 10
+SHAPE = (16, 16, 3)
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    model = jl.LeNet(K)
+    v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE)))
+    return model, models.init_uniform(v, jax.random.PRNGKey(1))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    xs = jax.random.uniform(jax.random.PRNGKey(2), (7, *SHAPE))
+    labels = jnp.arange(7) % K
+    return xs, labels
+
+
+def _labels(kind, c):
+    if kind == "onehot":
+        return jl.one_hot(c, K)
+    if kind == "smoothing":
+        return jl.smooth(c, K, 0.3)
+    return 0.6 * jl.one_hot(c, K) + 0.4 * jl.one_hot((c + 3) % K, K)
+
+
+@pytest.mark.parametrize("kind", ["onehot", "smoothing", "mixup"])
+def test_last_layer_gradient_is_the_outer_product(lenet, batch, kind):
+    model, v = lenet
+    x, y = batch[0][0], _labels(kind, batch[1][0])
+    g = jl.gradient(model.apply, v, x, y)
+    logits, h = model.apply(v, x[None], return_feature=True)
+    p = jax.nn.softmax(logits[0])
+    dW, db = jl.last_layer(g)
+    chex.assert_shape(dW, (h.shape[1], K))
+    np.testing.assert_allclose(dW, np.outer(h[0], p - y), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(db, p - y, rtol=1e-4, atol=1e-7)
+    # rank one, whatever the label
+    s = np.linalg.svd(np.asarray(dW, np.float64), compute_uv=False)
+    assert s[1] <= 1e-5 * s[0]
+
+
+def test_gradient_structure_follows_the_params_collection(lenet, batch):
+    model, v = lenet
+    g = jl.gradient(model.apply, v, batch[0][0], jl.one_hot(batch[1][0], K))
+    chex.assert_trees_all_equal_shapes(g, v["params"])
+    g2 = jl.gradient(model.apply, v["params"], batch[0][0], jl.one_hot(batch[1][0], K))
+    chex.assert_trees_all_close(g, g2)
+
+
+def _loop(model, v, xs, ys, per_victim):
+    outs = []
+    for i in range(xs.shape[0]):
+        vi = jax.tree_util.tree_map(lambda a: a[i], v) if per_victim else v
+        outs.append(jl.gradient(model.apply, vi, xs[i], ys[i]))
+    return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+
+
+@pytest.mark.parametrize("strategy,chunk", [("vmap", None), ("vmap", 3), ("loop", None)])
+def test_many_victims_shared_model_equal_a_loop(lenet, batch, strategy, chunk):
+    model, v = lenet
+    xs, labels = batch
+    ys = jl.smooth(labels, K, 0.1)
+    got = jl.gradients(model.apply, v, xs, ys, strategy=strategy, chunk_size=chunk)
+    chex.assert_trees_all_close(got, _loop(model, v, xs, ys, False), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_many_victims_per_victim_models_equal_a_loop(batch, chunk):
+    model = jl.LeNet(K)
+    xs, labels = batch
+    v = jl.init_victims(model, jax.random.PRNGKey(3), xs.shape[0], SHAPE, init="uniform")
+    ys = jl.one_hot(labels, K)
+    got = jl.gradients(model.apply, v, xs, ys, per_victim_params=True, chunk_size=chunk)
+    chex.assert_trees_all_close(got, _loop(model, v, xs, ys, True), rtol=1e-4, atol=1e-6)
+
+
+def test_init_victims_draws_independent_models():
+    v = jl.init_victims(jl.LeNet(K), jax.random.PRNGKey(0), 3, SHAPE, init="uniform")
+    k = v["params"]["conv1"]["kernel"]
+    assert k.shape[0] == 3
+    assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
+    assert float(jnp.max(jnp.abs(k))) <= 0.5
+    same = jl.init_victims(jl.LeNet(K), jax.random.PRNGKey(0), 3, SHAPE, init="uniform")
+    chex.assert_trees_all_equal(v, same)  # explicit keys: deterministic
+
+
+def test_init_victims_keeps_batch_stats_per_victim():
+    v = jl.init_victims(jl.ResNet18(3, stem="cifar"), jax.random.PRNGKey(0), 2, (8, 8, 3), init="torch_resnet")
+    var = v["batch_stats"]["stem_bn"]["var"]
+    assert var.shape == (2, 64)
+    np.testing.assert_array_equal(var, 1.0)
+
+
+def test_bad_inputs_get_clear_errors(lenet, batch):
+    model, v = lenet
+    x, y = batch[0][0], jl.one_hot(batch[1][0], K)
+    with pytest.raises(ValueError, match="without a batch axis.*gradients"):
+        jl.gradient(model.apply, v, x[None], y)
+    with pytest.raises(ValueError, match="classes but the model outputs"):
+        jl.gradient(model.apply, v, x, jl.one_hot(1, K + 1))
+    with pytest.raises(ValueError, match="probability vector"):
+        jl.gradient(model.apply, v, x, 2 * y)
+    with pytest.raises(ValueError, match="shape \\(K,\\)"):
+        jl.gradient(model.apply, v, x, y[None])
+    with pytest.raises(ValueError, match="NaN"):
+        jl.gradient(model.apply, v, x.at[0, 0, 0].set(jnp.nan), y)
+    with pytest.raises(ValueError, match="victims \\[1\\]"):
+        ys = jl.one_hot(batch[1][:3], K).at[1].set(0.5)
+        jl.gradients(model.apply, v, batch[0][:3], ys)
+    with pytest.raises(ValueError, match="ys must be"):
+        jl.gradients(model.apply, v, batch[0][:3], jl.one_hot(batch[1][:2], K))
+    with pytest.raises(ValueError, match="per-victim params have 7"):
+        pv = jl.init_victims(model, jax.random.PRNGKey(0), 7, SHAPE, init="uniform")
+        jl.gradients(model.apply, pv, batch[0][:3], jl.one_hot(batch[1][:3], K), per_victim_params=True)
+    with pytest.raises(ValueError, match="strategy"):
+        jl.gradients(model.apply, v, batch[0], jl.one_hot(batch[1], K), strategy="pmap")
+
+
+def test_gradient_is_jittable_and_vmappable(lenet, batch):
+    model, v = lenet
+    xs, labels = batch
+    ys = jl.one_hot(labels, K)
+    f = jax.jit(jax.vmap(lambda x, y: jl.gradient(model.apply, v, x, y)))
+    chex.assert_trees_all_close(f(xs, ys), _loop(model, v, xs, ys, False), rtol=1e-4, atol=1e-6)
+
+
+def test_chunk_size_respects_the_memory_budget(lenet, batch):
+    model, v = lenet
+    fn = lambda x, y: jl.gradient(model.apply, v, x, y)
+    one = (batch[0][0], jl.one_hot(batch[1][0], K))
+    per = victims.victim_bytes(fn, *one)
+    assert per > 0
+    assert victims.chunk_size_for(fn, one, 1000, memory_budget=10 * per) == 10
+    assert victims.chunk_size_for(fn, one, 1000, memory_budget=1) == 1
+    assert victims.chunk_size_for(fn, one, 5, memory_budget=10**12) == 5
