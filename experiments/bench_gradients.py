@@ -1,0 +1,93 @@
+"""Benchmark: per-example shared gradients for many victims, vmap vs a loop of a jitted single victim.
+
+For V victims (one example each) and either one shared model or one model per
+victim, times the first call (compile + run) and the steady state (median of
+repeats) of ``jaxleak.gradients`` with ``strategy="vmap"`` and ``"loop"``.
+Both strategies run in the same invocation, alternating, so their ratio is
+measured under the same machine load. Writes JSON and a markdown table.
+
+    python experiments/bench_gradients.py --victims 1 64 1024 --out results/bench_gradients
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import jaxleak as jl
+
+
+def _block(tree):
+    return jax.tree_util.tree_map(lambda x: x.block_until_ready(), tree)
+
+
+def _time(fn, repeats):
+    t0 = time.perf_counter()
+    _block(fn())
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _block(fn())
+        runs.append(time.perf_counter() - t0)
+    return first, statistics.median(runs)
+
+
+def run(victims, model_name, shape, classes, repeats, loop_max):
+    model = jl.models.get_model(model_name, classes)
+    rows = []
+    for v in victims:
+        key = jax.random.PRNGKey(v)
+        xs = jax.random.uniform(key, (v, *shape))
+        ys = jl.one_hot(jnp.arange(v) % classes, classes)
+        shared = jl.models.init_uniform(model.init(key, xs[:1]), key)
+        stacked = jl.init_victims(model, key, v, shape, init="uniform")
+        for per_victim, params in ((False, shared), (True, stacked)):
+            for strategy in ("vmap", "loop"):
+                if strategy == "loop" and v > loop_max:
+                    continue
+                fn = lambda: jl.gradients(model.apply, params, xs, ys, per_victim_params=per_victim, strategy=strategy)
+                first, steady = _time(fn, repeats)
+                rows.append(
+                    dict(victims=v, params="per-victim" if per_victim else "shared", strategy=strategy,
+                         first_call_s=first, compile_s=max(0.0, first - steady), steady_s=steady,
+                         victims_per_s=v / steady, ms_per_victim=1e3 * steady / v)
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--victims", type=int, nargs="+", default=[1, 64, 1024])
+    ap.add_argument("--model", default="lenet")
+    ap.add_argument("--shape", type=int, nargs=3, default=[32, 32, 3])
+    ap.add_argument("--classes", type=int, default=100)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--loop-max", type=int, default=1024, help="skip the loop strategy above this many victims")
+    ap.add_argument("--out", default="results/bench_gradients")
+    args = ap.parse_args(argv)
+    rows = run(args.victims, args.model, tuple(args.shape), args.classes, args.repeats, args.loop_max)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), jax=jax.__version__,
+                model=args.model, shape=args.shape, classes=args.classes)
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    lines = ["| victims | params | strategy | compile s | steady s | victims/s | ms/victim |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['victims']} | {r['params']} | {r['strategy']} | {r['compile_s']:.2f} | {r['steady_s']:.4f} | "
+            f"{r['victims_per_s']:.0f} | {r['ms_per_victim']:.3f} |"
+        )
+    (out / "results.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
