@@ -298,6 +298,20 @@ def gradients(
     )
 
 
+def victim_keys(key: Array, n: int) -> Array:
+    """``n`` PRNG keys: ``key`` split ``n`` ways, or ``key`` itself when it already is an array of ``n`` keys.
+
+    Drivers accept either, so callers can give victim ``i`` a key that does not
+    depend on chunking (e.g. ``jax.random.fold_in(root, i)``).
+    """
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.ndim == (1 if typed else 2):
+        if key.shape[0] != n:
+            raise ValueError(f"got {key.shape[0]} keys for n = {n} victims")
+        return key
+    return jax.random.split(key, n)
+
+
 def init_victims(
     model: nn.Module,
     key: Array,
@@ -307,8 +321,10 @@ def init_victims(
 ) -> PyTree:
     """``n`` independently initialised copies of ``model`` as one stacked variables pytree.
 
-    The iDLG protocol draws a fresh network per trial. ``input_shape`` is one
-    example's ``(H, W, C)``. ``init`` is a name in ``jaxleak.models.INITS`` or
+    The iDLG protocol draws a fresh network per trial. ``key`` is one key
+    (split into ``n``) or an array of ``n`` keys (victim ``i`` gets ``key[i]``,
+    so a victim's model does not depend on how victims are chunked).
+    ``input_shape`` is one example's ``(H, W, C)``. ``init`` is a name in ``jaxleak.models.INITS`` or
     a pure ``(params, key) -> params`` function. For non-flax inits the model
     is initialised once for its structure and only the initialiser is vmapped
     (flax's own init compiles slowly under vmap). ``batch_stats`` (mean 0,
@@ -318,7 +334,7 @@ def init_victims(
         raise ValueError(f"input_shape must be one example's (H, W, C), got {input_shape}")
     init_fn = _models.get_init(init)
     dummy = jnp.zeros((1, *input_shape), jnp.float32)
-    keys = jax.random.split(key, n)
+    keys = victim_keys(key, n)
     if init_fn is _models.init_flax:
         return jax.jit(jax.vmap(lambda k: model.init(k, dummy)))(keys)
     template = jax.jit(model.init)(jax.random.PRNGKey(0), dummy)

@@ -145,3 +145,12 @@ def test_chunk_size_respects_the_memory_budget(lenet, batch):
     assert victims.chunk_size_for(fn, one, 1000, memory_budget=10 * per) == 10
     assert victims.chunk_size_for(fn, one, 1000, memory_budget=1) == 1
     assert victims.chunk_size_for(fn, one, 5, memory_budget=10**12) == 5
+
+
+def test_init_victims_with_explicit_keys_is_chunking_invariant():
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.PRNGKey(5), i))(jnp.arange(4))
+    whole = jl.init_victims(jl.LeNet(K), keys, 4, SHAPE, init="uniform")
+    part = jl.init_victims(jl.LeNet(K), keys[2:], 2, SHAPE, init="uniform")
+    chex.assert_trees_all_equal(jax.tree_util.tree_map(lambda a: a[2:], whole), part)
+    with pytest.raises(ValueError, match="3 keys for n = 4"):
+        jl.init_victims(jl.LeNet(K), keys[:3], 4, SHAPE, init="uniform")
