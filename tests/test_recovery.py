@@ -1,0 +1,315 @@
+"""Tests of jaxleak.recovery: iDLG labels, Theorem 1, soft-label search, closed form, bad inputs, real nets."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from jaxleak import labels, models, recovery, victims
+
+D = 32  # feature size of the synthetic last layers (zero-padding d changes nothing, so keep it small)
+
+
+def problem(rng, K, kind, *, bias=False, d=D, scale=3.0, sign="nonneg", eps=None, mu=None):
+    """A random last layer, feature and soft label; returns float64 numpy (G, W, b, db, y, h)."""
+    W = rng.normal(size=(d, K)) * scale / np.sqrt(d)
+    h = rng.normal(size=d)
+    h = np.maximum(h, 0) if sign == "nonneg" else h
+    b = rng.normal(size=K) * 0.5 if bias else np.zeros(K)
+    z = h @ W + b
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if kind == "smoothing":
+        eps = rng.uniform(0.01, 0.5) if eps is None else eps
+        y = np.full(K, eps / K)
+        y[rng.integers(K)] += 1 - eps
+    elif kind == "mixup":
+        mu = rng.uniform(0.01, 0.99) if mu is None else mu
+        i, j = rng.choice(K, 2, replace=False)
+        y = np.zeros(K)
+        y[i], y[j] = 1 - mu, mu
+    else:
+        y = np.eye(K)[rng.integers(K)]
+    return np.outer(h, p - y), W, b, p - y, y, h
+
+
+def batch(seed, n, K, kind, **kw):
+    rng = np.random.default_rng(seed)
+    probs = [problem(rng, K, kind, **kw) for _ in range(n)]
+    return [np.stack(x) for x in zip(*probs)]
+
+
+# --------------------------------------------------------------------------
+# Theorem 1 and the O(K) family (T5)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_theorem1_sum_invariance_and_truth(kind):
+    rng = np.random.default_rng(1)
+    G, W, b, delta, y, h = problem(rng, 7, kind, bias=True)
+    with jax.enable_x64(True):
+        Gj, Wj, bj = (jnp.asarray(x) for x in (G, W, b))
+        r = int(np.argmax((G * G).sum(0)))
+        for lam in (-50.0, -3.0, -1.0, 0.3, 1.0, 2.5, 1e3):
+            y_hat, h_hat, p_hat = recovery.pseudo_label(Gj, Wj, lam, bias=bj)
+            np.testing.assert_allclose(float(jnp.sum(y_hat)), 1.0, atol=1e-12)
+            np.testing.assert_allclose(np.outer(h_hat, p_hat - y_hat), G, atol=1e-12)
+            # The O(K) path used by the search agrees with the direct formula.
+            _, a, c, bb = recovery._precompute(Gj, Wj, bj, r)
+            np.testing.assert_allclose(recovery._label_at(1.0 / lam, a, c, bb), y_hat, atol=1e-12)
+        y_star, h_star, _ = recovery.pseudo_label(Gj, Wj, 1.0 / delta[r], bias=bj, row=r)
+        np.testing.assert_allclose(y_star, y, atol=1e-12)
+        np.testing.assert_allclose(h_star, h, atol=1e-12)
+        assert float(recovery.variance_loss(y_star, kind)) < 1e-25
+
+
+def test_swarm_windows_match_reference_logs():
+    # ALGORITHMS.md §4.6: pso(50) windows printed by the mixup notebooks.
+    assert recovery.swarm_windows(50.0) == ((0.7, 6.0), (-6.3, -1.0), (5.7, 16.0), (-16.3, -6.0), (15.7, 66.0), (-66.3, -16.0))
+    wins = recovery.swarm_windows(20.0)
+    assert wins[-1] == (-50.3, -30.0) and len(wins) == 8  # windows up to |s| <= 50
+
+
+# --------------------------------------------------------------------------
+# iDLG
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_hot_batch():
+    return batch(2, 64, 10, "onehot", bias=True)
+
+
+@pytest.mark.parametrize("method", ["rowsum", "inner", "bias"])
+def test_idlg_one_hot_exact_and_vmap_equals_loop(one_hot_batch, method):
+    G, _, _, db, y, _ = one_hot_batch
+    truth = y.argmax(1)
+    out = recovery.idlg_label(jnp.asarray(G, jnp.float32), bias_grad=jnp.asarray(db, jnp.float32), method=method)
+    np.testing.assert_array_equal(out, truth)
+    loop = [int(recovery.idlg_label(jnp.asarray(G[i]), bias_grad=jnp.asarray(db[i]), method=method)) for i in range(4)]
+    np.testing.assert_array_equal(loop, truth[:4])
+    jitted = jax.jit(lambda g, d: recovery.idlg_label(g, bias_grad=d, method=method))
+    np.testing.assert_array_equal(jitted(jnp.asarray(G), jnp.asarray(db)), truth)
+
+
+def test_idlg_rowsum_breaks_for_negative_features_inner_and_bias_do_not():
+    rng = np.random.default_rng(3)
+    hits = {"rowsum": 0, "inner": 0, "bias": 0}
+    n = 0
+    for _ in range(40):
+        G, W, b, db, y, h = problem(rng, 10, "onehot", bias=True, sign="any")
+        if h.sum() >= 0:
+            continue
+        n += 1
+        for m in hits:
+            hits[m] += int(recovery.idlg_label(jnp.asarray(G), bias_grad=jnp.asarray(db), method=m)) == y.argmax()
+    assert n >= 5
+    assert hits["inner"] == n and hits["bias"] == n
+    assert hits["rowsum"] == 0  # sum(h) < 0 flips the order: argmin is a wrong class
+
+
+# --------------------------------------------------------------------------
+# Soft labels: robust search, closed form, paper mode
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+@pytest.mark.parametrize("K", [5, 10, 100, 1000])
+def test_robust_search_recovers_batches(kind, K):
+    n = 24 if K == 1000 else 64
+    G, W, _, _, y, h = batch(10 + K, n, K, kind)
+    with jax.enable_x64(True):
+        out = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind=kind)
+        err = np.abs(np.asarray(out.label) - y).max(1)
+        assert (err < 1e-4).mean() >= 0.98, err
+        assert np.all(err[np.asarray(out.ok)] < 1e-4)  # ok never certifies a wrong label
+        good = err < 1e-4
+        np.testing.assert_allclose(np.asarray(out.feature)[good], h[good], rtol=1e-4, atol=1e-6)
+        if kind == "smoothing":
+            eps = K * np.sort(y, 1)[:, :-1].mean(1)
+            np.testing.assert_allclose(np.asarray(out.epsilon)[good], eps[good], atol=1e-3)
+        else:
+            np.testing.assert_allclose(np.asarray(out.mu)[good], np.sort(y, 1)[:, -2][good], atol=1e-4)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["smoothing", "mixup"]), K=st.sampled_from([3, 10, 100]),
+       bias=st.booleans(), eps=st.floats(0.001, 0.499), mu=st.floats(0.001, 0.999))
+def test_property_soft_label(seed, kind, K, bias, eps, mu):
+    rng = np.random.default_rng(seed)
+    G, W, b, db, y, h = problem(rng, K, kind, bias=bias, eps=eps, mu=mu)
+    with jax.enable_x64(True):
+        out = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind=kind, bias=jnp.asarray(b) if bias else None)
+        if K >= 10:
+            assert bool(out.ok), recovery.REASONS[int(out.reason)]
+            assert np.abs(np.asarray(out.label) - y).max() < 1e-4
+        elif bool(out.ok):
+            # K = 3 has one constraint for one unknown: several valid roots can exist (not identifiable).
+            # Whatever is returned must still be a member of the family with the right form.
+            p_hat = jax.nn.softmax(out.feature @ W + b)
+            np.testing.assert_allclose(np.outer(out.feature, p_hat - out.label), G, atol=1e-9)
+            assert float(out.loss) < 1e-9 and np.asarray(out.label).min() > -1e-5
+        # With the bias gradient: closed form, exact to float precision, any K.
+        cf = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind=kind, bias=jnp.asarray(b), bias_grad=jnp.asarray(db))
+        np.testing.assert_allclose(np.asarray(cf.label), y, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(cf.feature), h, rtol=1e-10, atol=1e-12)
+        assert bool(cf.ok)
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_closed_form_k2_and_float32(kind):
+    G, W, b, db, y, h = batch(5, 16, 2, kind, bias=True)
+    out = recovery.soft_label(jnp.asarray(G, jnp.float32), jnp.asarray(W, jnp.float32), kind=kind,
+                              bias=jnp.asarray(b, jnp.float32), bias_grad=jnp.asarray(db, jnp.float32))
+    np.testing.assert_allclose(np.asarray(out.label), y, atol=1e-5)
+    with pytest.raises(ValueError, match="K >= 3"):
+        recovery.soft_label(jnp.asarray(G[0]), jnp.asarray(W[0]), kind=kind)
+
+
+def test_vmap_jit_equal_single_calls():
+    G, W, _, _, y, _ = batch(6, 6, 10, "mixup")
+    G, W = jnp.asarray(G, jnp.float32), jnp.asarray(W, jnp.float32)
+    batched = recovery.soft_label(G, W, kind="mixup")
+    user = jax.jit(jax.vmap(lambda g, w: recovery.soft_label(g, w, kind="mixup")))(G, W)
+    for i in range(3):
+        one = recovery.soft_label(G[i], W[i], kind="mixup")
+        np.testing.assert_allclose(one.label, batched.label[i], atol=1e-6)
+        np.testing.assert_allclose(one.label, user.label[i], atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_paper_search_reproduces_labels(kind):
+    G, W, _, _, y, _ = batch(7, 16, 10, kind)
+    with jax.enable_x64(True):
+        out = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind=kind, search="paper")
+        err = np.abs(np.asarray(out.label) - y).max(1)
+        assert (err < 1e-3).mean() >= 0.9
+        assert np.all(err[np.asarray(out.ok)] < 1e-3)
+        again = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind=kind, search="paper")
+        np.testing.assert_array_equal(out.lam, again.lam)  # deterministic, swarm included
+
+
+# --------------------------------------------------------------------------
+# Bad inputs
+# --------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_outside_jit_and_flag_inside():
+    rng = np.random.default_rng(8)
+    G1, W, *_ = problem(rng, 10, "smoothing")
+    G2, *_ = problem(rng, 10, "smoothing")
+    batch_grad = jnp.asarray((G1 + G2) / 2, jnp.float32)  # the mean gradient of two examples: rank 2
+    W = jnp.asarray(W, jnp.float32)
+    nan = jnp.asarray(G1, jnp.float32).at[0, 0].set(jnp.nan)
+    zero = jnp.zeros_like(batch_grad)
+    for bad, words in ((batch_grad, "rank > 1"), (nan, "non-finite"), (zero, "all-zero")):
+        with pytest.raises(ValueError, match=words):
+            recovery.soft_label(bad, W, kind="smoothing")
+        with pytest.raises(ValueError, match=words):
+            recovery.idlg_label(bad)
+    stacked = jnp.stack([batch_grad, nan, zero, jnp.asarray(G1, jnp.float32)])
+    out = jax.jit(jax.vmap(lambda g: recovery.soft_label(g, W, kind="smoothing")))(stacked)
+    np.testing.assert_array_equal(out.reason, [recovery.RANK_GT_1, recovery.NON_FINITE, recovery.ZERO_GRADIENT, recovery.OK])
+    np.testing.assert_array_equal(out.ok, [False, False, False, True])
+    np.testing.assert_array_equal(jax.jit(jax.vmap(recovery.idlg_label))(stacked)[:3], [-1, -1, -1])
+
+
+def test_argument_errors_name_the_argument():
+    G = jnp.ones((8, 5))
+    with pytest.raises(ValueError, match="weight_grad"):
+        recovery.idlg_label(jnp.ones(5))
+    with pytest.raises(ValueError, match="weight must"):
+        recovery.soft_label(G, jnp.ones((8, 4)), kind="smoothing")
+    with pytest.raises(ValueError, match="kind"):
+        recovery.soft_label(G, G, kind="distillation")
+    with pytest.raises(ValueError, match="bias_grad"):
+        recovery.idlg_label(G, method="bias")
+    with pytest.raises(ValueError, match="without bias"):
+        recovery.soft_label(G, G, kind="mixup", bias_grad=jnp.ones(5))
+
+
+# --------------------------------------------------------------------------
+# Real networks on real images
+# --------------------------------------------------------------------------
+
+
+def _cifar10(shared_data, n):
+    z = np.load(shared_data / "cifar10_subset.npz")
+    images, y = z["images"][:n], z["labels"][:n]
+    mean, std = np.array([0.4914672, 0.4822617, 0.4467701]), np.array([0.2470322, 0.2434851, 0.2615879])
+    return jnp.asarray((images / 255.0 - mean) / std, jnp.float32), np.asarray(y)
+
+
+@pytest.fixture(scope="module")
+def lenet_victims(shared_data):
+    xs, cls = _cifar10(shared_data, 24)
+    rng = np.random.default_rng(0)
+    model = models.LeNet(10)  # with head bias: iDLG's variant
+    variables = victims.init_victims(model, jax.random.PRNGKey(0), 1, (32, 32, 3), init="uniform")
+    variables = jax.tree_util.tree_map(lambda v: v[0], variables)
+    eps = jnp.asarray(rng.uniform(0, 0.5, len(cls)), jnp.float32)
+    ys = {"onehot": labels.one_hot(jnp.asarray(cls), 10), "smoothing": labels.smooth(jnp.asarray(cls), 10, eps)}
+    grads = {k: victims.gradients(model.apply, variables, xs, y) for k, y in ys.items()}
+    return variables, ys, grads
+
+
+def test_lenet_cifar10_idlg_and_soft_labels(lenet_victims):
+    variables, ys, grads = lenet_victims
+    dW, db = models.last_layer(grads["onehot"])
+    truth = np.asarray(ys["onehot"]).argmax(1)
+    for method in ("rowsum", "inner", "bias"):
+        np.testing.assert_array_equal(recovery.idlg_label(dW, bias_grad=db, method=method), truth)
+    W, b = models.last_layer(variables)
+    dW, db = models.last_layer(grads["smoothing"])
+    y = np.asarray(ys["smoothing"])
+    robust = recovery.soft_label(dW, W, kind="smoothing", bias=b)
+    assert np.mean(np.abs(np.asarray(robust.label) - y).max(1) < 1e-3) >= 0.95
+    closed = recovery.soft_label(dW, W, kind="smoothing", bias=b, bias_grad=db)
+    np.testing.assert_allclose(closed.label, y, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,init,shape,kind", [("resnet18", "torch_resnet", (32, 32, 3), "smoothing"),
+                                                  ("fcn4", "torch", (64, 64, 3), "mixup")])
+def test_real_networks_soft_labels(shared_data, name, init, shape, kind):
+    z = np.load(shared_data / ("cifar10_subset.npz" if shape[0] == 32 else "flowers17_64.npz"))
+    images, cls = z["images"][:8], z["labels"][:8]
+    K = int(z["labels"].max()) + 1
+    xs = jnp.asarray(images / 255.0 - 0.5, jnp.float32)
+    model = models.get_model(name, K)
+    variables = victims.init_victims(model, jax.random.PRNGKey(1), 1, shape, init=init)
+    variables = jax.tree_util.tree_map(lambda v: v[0], variables)
+    rng = np.random.default_rng(1)
+    if kind == "smoothing":
+        y = labels.smooth(jnp.asarray(cls), K, jnp.asarray(rng.uniform(0, 0.5, 8), jnp.float32))
+    else:
+        xs, y = labels.mixup(xs, xs[::-1], labels.one_hot(jnp.asarray(cls), K), labels.one_hot(jnp.asarray(cls[::-1]), K),
+                             jnp.asarray(rng.uniform(0, 1, 8), jnp.float32))
+        keep = np.asarray(cls != cls[::-1])
+        xs, y = xs[keep], y[keep]
+    dW = models.last_layer(victims.gradients(model.apply, variables, xs, y, chunk_size=4))[0]
+    out = recovery.soft_label(dW, models.last_layer(variables)[0], kind=kind)
+    assert np.all(np.abs(np.asarray(out.label) - np.asarray(y)).max(1) < 1e-3)
+
+
+@pytest.mark.slow
+def test_experiment_quick(tmp_path, shared_data):
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "experiments" / "label_recovery.py"), "--quick", "--out", str(tmp_path),
+           "--settings", "lenet_cifar10_smoothing,lenet_cifar10_mixup"]
+    subprocess.run(cmd, check=True, cwd=repo, env={**__import__("os").environ, "JAXLEAK_DATA": str(shared_data)})
+    import json
+
+    res = json.loads((tmp_path / "results.json").read_text())
+    for name in ("lenet_cifar10_smoothing", "lenet_cifar10_mixup"):
+        assert res[name]["modes"]["robust_float32"]["acc_maxabs_1e-3"] >= 0.95
+    assert (tmp_path / "results.md").exists() and (tmp_path / "landscape_lenet_cifar10_smoothing.png").exists()
