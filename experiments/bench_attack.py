@@ -1,0 +1,152 @@
+"""Benchmark: the iDLG protocol in jaxleak against an independent PyTorch reference, side by side.
+
+For each V in ``--victims`` the same V victims (fresh LeNet-Zhu, U(-0.5, 0.5),
+one CIFAR-100 image each) are attacked with iDLG (PyTorch L-BFGS semantics,
+300 outer steps, stop at 1e-6 every 10): first by jaxleak (compile time
+measured apart), then by ``experiments/torch_reference.py`` on the first
+``--torch-victims`` of them, back to back, so the ratio is taken under the
+same machine load. Reports seconds, victims/s and *successful* victims/s
+(final MSE < 1e-3).
+
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 1 8 --torch-victims 2 --out bench.json
+    python experiments/bench_attack.py --victims 8 --strategies loop vmap --torch-victims 0   # driver default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _cpu_devices_flag(default: int = 2) -> None:
+    """``--cpu-devices N`` (read before jax is imported): N virtual CPU devices so a loop of victims uses N cores."""
+    n = default
+    if "--cpu-devices" in sys.argv:
+        n = int(sys.argv[sys.argv.index("--cpu-devices") + 1])
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+_cpu_devices_flag()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxleak import attacks, metrics, models, victims
+
+SUCCESS_MSE = 1e-3
+
+
+def make_victims(data: pathlib.Path, n: int, seed: int):
+    z = np.load(data / "cifar100_subset.npz")
+    images, labels = z["images"], z["labels"]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(len(images), size=n)
+    x = jnp.asarray(images[idx], jnp.float32) / 255.0
+    y_int = labels[idx]
+    model = models.LeNet(100)
+    params = victims.init_victims(model, jax.random.PRNGKey(seed), n, (32, 32, 3), init="uniform")
+    grads = victims.gradients(model.apply, params, x, jax.nn.one_hot(y_int, 100), per_victim_params=True)
+    return model, params, grads, x, y_int
+
+
+def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int) -> dict:
+    n = x.shape[0]
+    keys = jax.random.split(jax.random.PRNGKey(seed + 1), n)
+    one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
+    take = lambda t, i: jax.tree_util.tree_map(lambda a: a[i], t)
+    devices = jax.local_devices()
+    t = time.time()
+    if strategy == "vmap":
+        compiled = jax.jit(jax.vmap(one)).lower(keys, params, grads).compile()
+    else:  # one executable per device; victims are dealt round-robin (attacks._loop_over_devices)
+        first = (keys[0], take(params, 0), take(grads, 0))
+        compiled = [jax.jit(one).lower(*jax.device_put(first, d)).compile() for d in devices]
+    compile_s = time.time() - t
+    t = time.time()
+    if strategy == "vmap":
+        res = jax.block_until_ready(compiled(keys, params, grads))
+        rec, evals = res.x, res.evals
+    else:
+        outs = [compiled[i % len(devices)](*jax.device_put((keys[i], take(params, i), take(grads, i)), devices[i % len(devices)]))
+                for i in range(n)]
+        outs = jax.block_until_ready(outs)
+        rec = jnp.stack([jax.device_put(o.x, devices[0]) for o in outs])
+        evals = jnp.stack([jax.device_put(o.evals, devices[0]) for o in outs])
+    seconds = time.time() - t
+    mse = np.asarray(metrics.mse(rec, x))
+    return _summary("jaxleak", n, seconds, mse, np.asarray(evals), compile_s=compile_s, strategy=strategy,
+                    devices=len(devices) if strategy == "loop" else 1)
+
+
+def bench_torch(params, x, y_int, n: int, seed: int) -> dict:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    import torch
+    import torch_reference
+
+    runs = []
+    t = time.time()
+    for i in range(n):
+        net = torch_reference.from_flax(jax.tree_util.tree_map(lambda a: np.asarray(a[i]), params["params"]), 3, 100)
+        runs.append(torch_reference.attack(net, np.asarray(x[i]), int(y_int[i]), "idlg", seed=seed + i))
+    seconds = time.time() - t
+    return _summary("torch", n, seconds, np.array([r["mse"] for r in runs]), np.array([r["evals"] for r in runs]),
+                    torch_threads=torch.get_num_threads())
+
+
+def _summary(name, n, seconds, mse, evals, **extra) -> dict:
+    ok = int(np.sum(np.isfinite(mse) & (mse < SUCCESS_MSE)))
+    return {"impl": name, "victims": n, "seconds": seconds, "victims_per_s": n / seconds,
+            "successful": ok, "successful_per_s": ok / seconds, "mean_evals": float(np.mean(evals)),
+            "ms_per_eval": 1000 * seconds / float(np.sum(evals)), "mse": mse.tolist(), **extra}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--torch-victims", type=int, default=2, help="victims the PyTorch reference attacks per V (0: none)")
+    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap"))
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
+    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    p.add_argument("--out", type=pathlib.Path, default=None)
+    args = p.parse_args(argv)
+
+    import dataclasses
+
+    config = dataclasses.replace(attacks.PAPER, steps=args.steps)
+    backend = jax.default_backend()
+    rows = []
+    for v in args.victims:
+        model, params, grads, x, y_int = make_victims(args.data, v, args.seed)
+        for strategy in args.strategies:
+            s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
+            rows.append({"V": v, "backend": backend, **bench_jax(model, params, grads, x, s, config, args.seed)})
+            print(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}), flush=True)
+        if args.torch_victims:
+            rows.append({"V": v, "backend": "cpu", **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed)})
+            print(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}), flush=True)
+            jx = [r for r in rows if r["V"] == v and r["impl"] == "jaxleak"][0]
+            tr = rows[-1]
+            ratio = jx["successful_per_s"] / tr["successful_per_s"] if tr["successful_per_s"] else float("inf")
+            print(f"V={v}: jaxleak {jx['victims_per_s']:.3f} victims/s ({jx['successful_per_s']:.3f} successful/s, "
+                  f"compile {jx['compile_s']:.1f}s) vs torch {tr['victims_per_s']:.4f} victims/s "
+                  f"({tr['successful_per_s']:.4f} successful/s on {tr['victims']}); "
+                  f"per-evaluation speed-up {tr['ms_per_eval'] / jx['ms_per_eval']:.1f}x, successful/s ratio {ratio:.1f}x", flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

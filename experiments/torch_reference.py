@@ -1,0 +1,94 @@
+"""An independent PyTorch implementation of the iDLG protocol, the benchmark's reference.
+
+Written from ALGORITHMS.md §2-§3 (not from jaxleak): LeNet-Zhu with sigmoid,
+the shared gradient of CE with the hard label, then DLG (image + label logits)
+or iDLG (label = argmin of the last weight-gradient row sums, image only),
+``torch.optim.LBFGS(lr=1)`` for 300 outer steps with the loss re-evaluated
+after every step and a stop when it is below 1e-6 (tested every 10 steps).
+
+The network takes its weights from a jaxleak/flax LeNet (``from_flax``) so that
+both implementations attack exactly the same victims. Needs the optional
+``bench`` extra (``pip install torch==2.13.0``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class TorchLeNet(torch.nn.Module):
+    """LeNet-Zhu (ALGORITHMS.md §2.5). Flattens in NHWC order to match the flax model's ``head`` rows."""
+
+    def __init__(self, channels: int, hidden: int, num_classes: int):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 12, 5, padding=2, stride=2), torch.nn.Sigmoid(),
+            torch.nn.Conv2d(12, 12, 5, padding=2, stride=2), torch.nn.Sigmoid(),
+            torch.nn.Conv2d(12, 12, 5, padding=2, stride=1), torch.nn.Sigmoid(),
+        )
+        self.fc = torch.nn.Linear(hidden, num_classes)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.fc(h.permute(0, 2, 3, 1).reshape(h.shape[0], -1))
+
+
+def from_flax(params: dict, channels: int, num_classes: int) -> TorchLeNet:
+    """A :class:`TorchLeNet` carrying one flax LeNet's ``params`` (conv HWIO -> OIHW, Dense (d, K) -> (K, d))."""
+    hidden = np.asarray(params["head"]["kernel"]).shape[0]
+    net = TorchLeNet(channels, hidden, num_classes)
+    with torch.no_grad():
+        for i, conv in enumerate(net.body[::2]):
+            conv.weight.copy_(torch.from_numpy(np.asarray(params[f"conv{i + 1}"]["kernel"]).transpose(3, 2, 0, 1).copy()))
+            conv.bias.copy_(torch.from_numpy(np.asarray(params[f"conv{i + 1}"]["bias"])))
+        net.fc.weight.copy_(torch.from_numpy(np.asarray(params["head"]["kernel"]).T.copy()))
+        net.fc.bias.copy_(torch.from_numpy(np.asarray(params["head"]["bias"])))
+    return net
+
+
+def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: int = 0, iterations: int = 300) -> dict:
+    """One DLG or iDLG run on one victim; returns the final MSE, the label, steps, evaluations and seconds."""
+    torch.manual_seed(seed)
+    gt = torch.from_numpy(np.ascontiguousarray(x_hwc.transpose(2, 0, 1)))[None].float()
+    params = list(net.parameters())
+    target = torch.autograd.grad(F.cross_entropy(net(gt), torch.tensor([label])), params)
+    target = [g.detach() for g in target]
+    num_classes = net.fc.out_features
+    dummy = torch.randn(gt.shape).requires_grad_(True)
+    evals = [0]
+    if method == "dlg":
+        logits = torch.randn((1, num_classes)).requires_grad_(True)
+        opt = torch.optim.LBFGS([dummy, logits], lr=1)
+    else:
+        pred_label = torch.argmin(torch.sum(target[-2], dim=-1)).reshape(1)
+        opt = torch.optim.LBFGS([dummy], lr=1)
+
+    def closure():
+        opt.zero_grad()
+        out = net(dummy)
+        if method == "dlg":
+            loss = torch.mean(torch.sum(-F.softmax(logits, -1) * F.log_softmax(out, -1), -1))
+        else:
+            loss = F.cross_entropy(out, pred_label)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        diff = sum(((a - b) ** 2).sum() for a, b in zip(grads, target))
+        diff.backward()
+        evals[0] += 1
+        return diff
+
+    t = time.time()
+    steps = 0
+    for it in range(iterations):
+        opt.step(closure)
+        current = closure().item()
+        steps += 1
+        if it % (iterations // 30) == 0 and current < 1e-6:
+            break
+    seconds = time.time() - t
+    label_out = int(torch.argmax(logits)) if method == "dlg" else int(pred_label)
+    mse = float(torch.mean((dummy.detach() - gt) ** 2))
+    return {"mse": mse, "label": label_out, "loss": current, "steps": steps, "evals": evals[0], "seconds": seconds}

@@ -1,0 +1,583 @@
+"""Gradient-matching attacks: DLG, iDLG, Inverting Gradients and matching with a given (soft) label.
+
+One victim shares ``target_grads = grad_theta CE(f_theta(x), y)`` (a pytree
+shaped like ``variables["params"]``). The attacker optimises a dummy image
+``x'`` (and for DLG dummy label logits ``v``) so that the dummy gradient
+matches it (ALGORITHMS.md §2-§4.9(b)):
+
+* :func:`dlg` (Zhu et al. 2019): ``x'`` and ``v`` jointly, dummy label ``softmax(v)``.
+* :func:`idlg` (Zhao et al. 2020): the label is read off the last layer
+  (``jaxleak.recovery.idlg_label``, ALGORITHMS.md §3) and held fixed.
+* :func:`given_label`: the same loop with a label given by the caller (e.g. a
+  soft label recovered by Wang, Liang, He, ICLR 2024).
+* :func:`inverting_gradients` (Geiping et al. 2020): cosine distance + TV, Adam.
+
+Every attack is a pure one-victim function ``(key, apply_fn, variables,
+target_grads, x_shape, [label], config) -> AttackResult`` that works under
+``jit`` and ``vmap``; :func:`attack_victims` maps it over many victims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.flatten_util import ravel_pytree
+
+from jaxleak import lbfgs as _lbfgs
+from jaxleak import metrics as _metrics
+from jaxleak import models as _models
+from jaxleak import recovery as _recovery
+from jaxleak import victims as _victims
+
+Array = jax.Array
+PyTree = Any
+ApplyFn = Callable[..., Any]
+
+#: Fastest way to run many victims' attacks, per backend. CPU, iDLG on LeNet 32x32,
+#: 8 victims: a loop of the jitted one-victim attack 1.06 ms per evaluation per
+#: victim vs 1.62 ms under vmap (``experiments/bench_attack.py --strategies loop vmap``).
+#: With several local devices the loop is dealt round-robin over them.
+DEFAULT_STRATEGY = {"cpu": "loop", "gpu": "vmap", "tpu": "vmap"}
+
+# --------------------------------------------------------------------------
+# Distances and priors
+# --------------------------------------------------------------------------
+
+
+def _path_name(path) -> str:
+    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def tensor_weights(target_grads: PyTree, exclude: Sequence[str] = (), weights: Optional[dict] = None) -> PyTree:
+    """Per-tensor weights (a pytree of scalars shaped like ``target_grads``).
+
+    ``exclude`` names tensors by their ``/``-joined path (``"head/kernel"``) to
+    drop them (weight 0; paper 2's ``f`` variant drops the last-layer weight,
+    ALGORITHMS.md §4.9(b)); ``weights`` maps paths to other weights. Unknown
+    names raise ``ValueError``.
+    """
+    weights = dict(weights or {})
+    names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(target_grads)[0]]
+    unknown = sorted((set(exclude) | set(weights)) - set(names))
+    if unknown:
+        raise ValueError(f"unknown gradient tensors {unknown}; the target gradient has {names}")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: 0.0 if _path_name(p) in exclude else float(weights.get(_path_name(p), 1.0)), target_grads
+    )
+
+
+def l2_distance(grads: PyTree, target: PyTree, weights: Optional[PyTree] = None) -> Array:
+    """DLG's matching loss: ``sum_t w_t ||grads_t - target_t||_F^2`` over all parameter tensors.
+
+    Zhu et al. 2019 eq. (4); iDLG uses the same (ALGORITHMS.md §2.1). No
+    normalisation: weights and biases of every layer count alike.
+    """
+    sq = jax.tree_util.tree_map(lambda a, b: jnp.sum((a - b) ** 2), grads, target)
+    if weights is not None:
+        sq = jax.tree_util.tree_map(lambda s, w: w * s, sq, weights)
+    return sum(jax.tree_util.tree_leaves(sq))
+
+
+def cosine_distance(grads: PyTree, target: PyTree, weights: Optional[PyTree] = None) -> Array:
+    """Inverting Gradients' loss: ``1 - <g, t> / (||g|| ||t||)`` over the concatenation of all tensors.
+
+    Geiping et al. 2020 eq. (4), one cosine over the whole (weighted) gradient
+    vector, not a mean of per-tensor cosines. Invariant to positive rescaling
+    of either argument; 0 iff parallel, 2 iff antiparallel.
+    """
+    if weights is None:
+        weights = jax.tree_util.tree_map(lambda _: 1.0, target)
+    dot = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b, w: w * jnp.vdot(a, b), grads, target, weights)))
+    na = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, w: w * jnp.vdot(a, a), grads, weights)))
+    nb = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda b, w: w * jnp.vdot(b, b), target, weights)))
+    return 1.0 - dot / (jnp.sqrt(na) * jnp.sqrt(nb) + 1e-12)
+
+
+def total_variation(x: Array) -> Array:
+    """Anisotropic total variation of one image ``(H, W, C)``: ``mean|dx| + mean|dy|``.
+
+    The form used by paper 2's and Inverting Gradients' code (ALGORITHMS.md §4.9(b)).
+    """
+    if x.ndim != 3:
+        raise ValueError(f"total_variation expects one image (H, W, C), got shape {x.shape}")
+    return jnp.mean(jnp.abs(x[1:] - x[:-1])) + jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1]))
+
+
+DISTANCES: dict[str, Callable[..., Array]] = {"l2": l2_distance, "cosine": cosine_distance}
+
+# --------------------------------------------------------------------------
+# Configuration and results
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """How one gradient-matching attack runs. Defaults reproduce DLG/iDLG (ALGORITHMS.md §2.3-§2.4).
+
+    Attributes:
+      distance: ``"l2"`` (DLG) or ``"cosine"`` (Inverting Gradients).
+      optimizer: ``"torch_lbfgs"`` (PyTorch semantics, the papers'),
+        ``"optax_lbfgs"`` (optax's L-BFGS with zoom line search) or ``"adam"``.
+      steps: outer steps (``torch.optim.LBFGS.step`` calls, or optimiser updates).
+      lbfgs: the PyTorch L-BFGS hyper-parameters.
+      memory_size: optax L-BFGS history.
+      lr, milestones, gamma: Adam's step size and its MultiStep schedule
+        (milestones as fractions of ``steps``; IG: it/2.667, it/1.6, it/1.142).
+      signed: Adam on the sign of the gradient (Inverting Gradients' option).
+      tv: weight of :func:`total_variation`.
+      box: clamp ``x'`` to ``(lo, hi)`` after every Adam update (``None``: no box).
+      stop_loss, check_every: stop a victim when its matching loss is below
+        ``stop_loss``, tested every ``check_every`` steps (iDLG: 1e-6 every 10).
+      exclude_tensors: gradient tensors left out of the distance (paths like ``"head/kernel"``).
+      restarts: independent random initialisations; the lowest final loss wins.
+      snapshot_every: keep ``x'`` every this many steps (Figure 2 of iDLG).
+    """
+
+    distance: str = "l2"
+    optimizer: str = "torch_lbfgs"
+    steps: int = 300
+    lbfgs: _lbfgs.TorchLBFGSConfig = _lbfgs.TorchLBFGSConfig()
+    memory_size: int = 100
+    lr: float = 0.1
+    milestones: tuple[float, ...] = (3 / 8, 5 / 8, 7 / 8)
+    gamma: float = 0.1
+    signed: bool = False
+    tv: float = 0.0
+    box: Optional[tuple[float, float]] = None
+    stop_loss: float = 1e-6
+    check_every: int = 10
+    exclude_tensors: tuple[str, ...] = ()
+    restarts: int = 1
+    snapshot_every: int = 10
+
+    def __post_init__(self):
+        if self.distance not in DISTANCES:
+            raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
+        if self.optimizer not in ("torch_lbfgs", "optax_lbfgs", "adam"):
+            raise ValueError(f"optimizer must be 'torch_lbfgs', 'optax_lbfgs' or 'adam', got {self.optimizer!r}")
+        for name in ("steps", "check_every", "restarts", "snapshot_every", "memory_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.box is not None and not self.box[0] < self.box[1]:
+            raise ValueError(f"box must be (lo, hi) with lo < hi, got {self.box}")
+
+
+#: DLG/iDLG as published: L2, PyTorch L-BFGS(lr 1), 300 steps, stop at 1e-6 (checked every 10).
+PAPER = AttackConfig()
+#: optax's L-BFGS with a zoom line search, 3,000 steps (JAX_NOTES.md: 4/4 victims at MSE < 1e-4).
+OPTAX_LBFGS = AttackConfig(optimizer="optax_lbfgs", steps=3000)
+#: Inverting Gradients as in paper 2's code: cosine + TV 1e-2, Adam lr 0.1, 4,800 steps, MultiStep x0.1.
+INVERTING_GRADIENTS = AttackConfig(distance="cosine", optimizer="adam", steps=4800, lr=0.1, tv=1e-2, stop_loss=0.0)
+
+
+class AttackResult(NamedTuple):
+    """One victim's reconstruction.
+
+    ``x`` ``(H, W, C)``; ``label`` ``(K,)`` the label used (DLG: ``softmax(v)``);
+    ``loss`` the final objective; ``loss_history`` ``(steps,)`` the objective
+    after each outer step (NaN after an early stop); ``steps`` outer steps run;
+    ``evals`` objective evaluations; ``snapshots`` ``(steps // snapshot_every + 1, H, W, C)``
+    ``x'`` before steps 0, e, 2e, ... (repeats the last once stopped).
+    """
+
+    x: Array
+    label: Array
+    loss: Array
+    loss_history: Array
+    steps: Array
+    evals: Array
+    snapshots: Array
+
+
+# --------------------------------------------------------------------------
+# The optimisation loops: z is a pytree {"x": (H, W, C), ["v": (K,)]}
+# --------------------------------------------------------------------------
+
+
+def _snapshot_slots(config: AttackConfig) -> int:
+    return config.steps // config.snapshot_every + 1
+
+
+def _finish(objective, z, hist, i, evals, snaps, config) -> tuple:
+    loss = objective(z)
+    hist = hist.at[jnp.maximum(i - 1, 0)].set(jnp.where(i > 0, loss, hist[0]))
+    slots = jnp.arange(snaps.shape[0])
+    snaps = jnp.where((slots * config.snapshot_every >= i)[:, None, None, None], z["x"][None], snaps)
+    return z, loss, hist, i, evals + 1, snaps
+
+
+def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
+    flat0, unravel = ravel_pytree(z0)
+    vg = jax.value_and_grad(lambda f: objective(unravel(f)))
+    cfg = config.lbfgs
+    hist0 = jnp.full((config.steps,), jnp.nan, flat0.dtype)
+    snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), flat0.dtype)
+
+    def cond(c):
+        return (c[0] < config.steps) & ~c[2]
+
+    def body(c):
+        i, state, _, hist, snaps = c
+        loss, g = vg(state.x)  # the loss after step i-1 and the first closure call of step i
+        hist = hist.at[jnp.maximum(i - 1, 0)].set(jnp.where(i > 0, loss, hist[0]))
+        converged = (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
+        snaps = lax.cond(
+            i % config.snapshot_every == 0,
+            lambda s: s.at[i // config.snapshot_every].set(unravel(state.x)["x"]),
+            lambda s: s,
+            snaps,
+        )
+        state = lax.cond(converged, lambda s: s, lambda s: _lbfgs.update(s, vg, cfg, loss, g)[0], state)
+        return jnp.where(converged, i, i + 1), state, converged, hist, snaps
+
+    i, state, done, hist, snaps = lax.while_loop(
+        cond, body, (jnp.zeros((), jnp.int32), _lbfgs.init(flat0, cfg), jnp.zeros((), bool), hist0, snaps0)
+    )
+    return _finish(objective, unravel(state.x), hist, i, state.func_evals + done.astype(jnp.int32), snaps, config)
+
+
+def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
+    """optax L-BFGS (zoom line search) or Adam, with the same early stop and snapshots."""
+    if config.optimizer == "optax_lbfgs":
+        opt = optax.lbfgs(memory_size=config.memory_size)
+    else:
+        schedule = optax.piecewise_constant_schedule(
+            config.lr, {int(round(f * config.steps)): config.gamma for f in config.milestones}
+        )
+        opt = optax.chain(optax.scale_by_sign() if config.signed else optax.identity(), optax.adam(schedule))
+    vg = optax.value_and_grad_from_state(objective) if config.optimizer == "optax_lbfgs" else jax.value_and_grad(objective)
+    hist0 = jnp.full((config.steps,), jnp.nan, z0["x"].dtype)
+    snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), z0["x"].dtype)
+
+    def cond(c):
+        return (c[0] < config.steps) & ~c[3]
+
+    def body(c):
+        i, z, state, _, hist, evals, snaps = c
+        if config.optimizer == "optax_lbfgs":
+            loss, g = vg(z, state=state)
+        else:
+            loss, g = vg(z)
+        hist = hist.at[jnp.maximum(i - 1, 0)].set(jnp.where(i > 0, loss, hist[0]))
+        converged = (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
+        snaps = lax.cond(
+            i % config.snapshot_every == 0, lambda s: s.at[i // config.snapshot_every].set(z["x"]), lambda s: s, snaps
+        )
+        if config.optimizer == "optax_lbfgs":
+            updates, new_state = opt.update(g, state, z, value=loss, grad=g, value_fn=objective)
+        else:
+            updates, new_state = opt.update(g, state, z)
+        new_z = optax.apply_updates(z, updates)
+        if config.box is not None:
+            new_z = {**new_z, "x": jnp.clip(new_z["x"], *config.box)}
+        keep = lambda a, b: jax.tree_util.tree_map(lambda u, w: jnp.where(converged, u, w), a, b)
+        return (jnp.where(converged, i, i + 1), keep(z, new_z), keep(state, new_state), converged, hist, evals + 1, snaps)
+
+    init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), jnp.zeros((), bool), hist0, jnp.zeros((), jnp.int32), snaps0)
+    i, z, state, _, hist, evals, snaps = lax.while_loop(cond, body, init)
+    return _finish(objective, z, hist, i, evals, snaps, config)
+
+
+def _optimise(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
+    if config.optimizer == "torch_lbfgs":
+        return _run_torch_lbfgs(objective, z0, config)
+    return _run_first_order(objective, z0, config)
+
+
+# --------------------------------------------------------------------------
+# Input checks
+# --------------------------------------------------------------------------
+
+
+def _params(variables: PyTree) -> PyTree:
+    return variables["params"] if isinstance(variables, dict) and "params" in variables else variables
+
+
+def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int], label: Optional[Array] = None) -> int:
+    """Raises ``ValueError`` on a target gradient that does not fit the model, a bad ``x_shape`` or label.
+
+    Shapes and tree structures are static and always checked; NaN/Inf in
+    ``target_grads`` is checked when the arrays are concrete (outside ``jit``).
+    Returns the number of classes K.
+    """
+    params = _params(variables)
+    p_struct, g_struct = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(target_grads)
+    if p_struct != g_struct:
+        raise ValueError(
+            f"target_grads must have the structure of variables['params'] ({p_struct}), got {g_struct}"
+        )
+    bad = [
+        (_path_name(p), tuple(g.shape), tuple(w.shape))
+        for (p, g), w in zip(jax.tree_util.tree_flatten_with_path(target_grads)[0], jax.tree_util.tree_leaves(params))
+        if tuple(g.shape) != tuple(w.shape)
+    ]
+    if bad:
+        raise ValueError(f"target_grads shapes differ from the params' (name, grad shape, param shape): {bad}")
+    if len(tuple(x_shape)) != 3:
+        raise ValueError(f"x_shape must be one image's (H, W, C), got {tuple(x_shape)}")
+    leaves = jax.tree_util.tree_leaves(target_grads)
+    if all(not isinstance(a, jax.core.Tracer) for a in leaves):
+        nonfinite = [_path_name(p) for p, g in jax.tree_util.tree_flatten_with_path(target_grads)[0] if not np.all(np.isfinite(np.asarray(g)))]
+        if nonfinite:
+            raise ValueError(f"target_grads contains NaN or Inf in {nonfinite}")
+    kernel, _ = _models.last_layer(params)
+    k = kernel.shape[-1]
+    if label is not None and jnp.shape(label) != (k,):
+        raise ValueError(f"label must be a distribution of shape ({k},) for this model, got shape {jnp.shape(label)}")
+    return k
+
+
+# --------------------------------------------------------------------------
+# One-victim attacks
+# --------------------------------------------------------------------------
+
+
+def _split_variables(variables: PyTree) -> tuple[PyTree, dict]:
+    if isinstance(variables, dict) and "params" in variables:
+        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    return variables, None  # a bare params dict (no "params" collection)
+
+
+def _dummy_loss(apply_fn, soft: bool, params, rest, z, label):
+    y = jax.nn.softmax(z["v"]) if soft else label
+    return _victims.loss(apply_fn, params if rest is None else {**rest, "params": params}, z["x"], y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weights, label):
+    """``distance(grad_theta CE(f(x'), y'), target_grads, weights)`` for dummy ``z = {"x": x', ["v": v]}``.
+
+    ``y' = softmax(v)`` when ``soft`` (DLG), else ``label``. Its gradient in
+    ``z`` is ``J^T dD/dG`` with ``G = grad_theta CE``; because ``<G, u> =
+    d/de CE(theta + e u)``, that is ``grad_z jvp_theta CE[u]`` at ``u = dD/dG``
+    (reverse over forward), ~15 % cheaper on CPU than differentiating
+    ``jax.grad`` twice. Only ``z`` is differentiable.
+    """
+    return _gradient_distance_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label)[0]
+
+
+def _gradient_distance_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label):
+    params, rest = _split_variables(variables)
+    grads = jax.grad(_dummy_loss, argnums=2)(apply_fn, soft, params, rest, z, label)
+    value, d_grads = jax.value_and_grad(lambda g: distance(g, target_grads, weights))(grads)
+    return value, (z, variables, target_grads, weights, label, d_grads)
+
+
+def _gradient_distance_bwd(apply_fn, distance, soft, res, ct):
+    z, variables, target_grads, weights, label, d_grads = res
+    params, rest = _split_variables(variables)
+    directional = lambda zz: jax.jvp(lambda p: _dummy_loss(apply_fn, soft, p, rest, zz, label), (params,), (d_grads,))[1]
+    gz = jax.grad(directional)(z)
+    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    return jax.tree_util.tree_map(lambda g: ct * g, gz), zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
+
+
+gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
+
+
+def _matching_objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array]):
+    dist = DISTANCES[config.distance]
+    weights = tensor_weights(target_grads, config.exclude_tensors) if config.exclude_tensors else None
+    soft = label is None
+    y = jnp.zeros(()) if soft else label
+
+    def objective(z):
+        d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y)
+        return d + config.tv * total_variation(z["x"]) if config.tv else d
+
+    return objective
+
+
+def _with_restarts(run_one: Callable[[Array], tuple], key: Array, config: AttackConfig) -> AttackResult:
+    if config.restarts == 1:
+        out = run_one(key)
+        return AttackResult(*out)
+    outs = jax.vmap(run_one)(jax.random.split(key, config.restarts))
+    best = jnp.argmin(jnp.where(jnp.isfinite(outs[2]), outs[2], jnp.inf))
+    return AttackResult(*jax.tree_util.tree_map(lambda a: a[best], outs))
+
+
+def given_label(
+    key: Array,
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    target_grads: PyTree,
+    x_shape: Sequence[int],
+    label: Array,
+    config: AttackConfig = PAPER,
+) -> AttackResult:
+    """Gradient matching over the image only, with a fixed label distribution ``label`` ``(K,)``.
+
+    iDLG's loop (Zhao et al. 2020, ALGORITHMS.md §3.1) with any label: one-hot
+    (iDLG), or a soft label recovered by Wang, Liang, He (ICLR 2024, §4.9(b)).
+    ``x'`` starts at N(0, 1) with shape ``x_shape`` ``(H, W, C)``.
+    """
+    check_inputs(variables, target_grads, x_shape, label)
+    dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
+    objective = _matching_objective(apply_fn, variables, target_grads, config, label)
+
+    def run_one(k):
+        z0 = {"x": jax.random.normal(k, tuple(x_shape), dtype)}
+        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config)
+        return z["x"], label, loss, hist, i, evals, snaps
+
+    return _with_restarts(run_one, key, config)
+
+
+def idlg(
+    key: Array,
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    target_grads: PyTree,
+    x_shape: Sequence[int],
+    config: AttackConfig = PAPER,
+) -> AttackResult:
+    """iDLG (Zhao et al. 2020): label ``argmin_k`` of the last-layer weight-gradient row sums, then matching.
+
+    The label comes from ``jaxleak.recovery.idlg_label`` (ALGORITHMS.md §3.1)
+    and is one-hot and fixed; only ``x'`` ``(H, W, C)`` is optimised.
+    """
+    k = check_inputs(variables, target_grads, x_shape)
+    kernel_grad, _ = _models.last_layer(target_grads)
+    label = jax.nn.one_hot(_recovery.idlg_label(kernel_grad, method="rowsum"), k)
+    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config)
+
+
+def dlg(
+    key: Array,
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    target_grads: PyTree,
+    x_shape: Sequence[int],
+    config: AttackConfig = PAPER,
+) -> AttackResult:
+    """DLG (Zhu et al. 2019): dummy image ``x' ~ N(0, 1)`` and label logits ``v ~ N(0, 1)`` optimised jointly.
+
+    The dummy loss is the soft-label CE with ``softmax(v)`` (ALGORITHMS.md
+    §2.1-§2.2); the predicted class is ``argmax(result.label)``.
+    """
+    k = check_inputs(variables, target_grads, x_shape)
+    dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
+    objective = _matching_objective(apply_fn, variables, target_grads, config, None)
+
+    def run_one(key_):
+        kx, kv = jax.random.split(key_)
+        z0 = {"x": jax.random.normal(kx, tuple(x_shape), dtype), "v": jax.random.normal(kv, (k,), dtype)}
+        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config)
+        return z["x"], jax.nn.softmax(z["v"]), loss, hist, i, evals, snaps
+
+    return _with_restarts(run_one, key, config)
+
+
+def inverting_gradients(
+    key: Array,
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    target_grads: PyTree,
+    x_shape: Sequence[int],
+    label: Array,
+    config: AttackConfig = INVERTING_GRADIENTS,
+) -> AttackResult:
+    """Inverting Gradients (Geiping et al. 2020): cosine distance + TV prior, Adam with step decay.
+
+    :func:`given_label` with the :data:`INVERTING_GRADIENTS` defaults (paper 2's
+    settings, ALGORITHMS.md §4.9(b)); pass ``config`` to change TV, signed
+    gradients, box constraint or restarts.
+    """
+    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config)
+
+
+ATTACKS: dict[str, Callable[..., AttackResult]] = {
+    "dlg": dlg,
+    "idlg": idlg,
+    "given_label": given_label,
+    "inverting_gradients": inverting_gradients,
+}
+
+# --------------------------------------------------------------------------
+# Many victims
+# --------------------------------------------------------------------------
+
+
+def _loop_over_devices(one: Callable, args: tuple, axes: tuple, n: int, progress: bool) -> AttackResult:
+    """A loop of one jitted single-victim attack, dealt round-robin over the local devices.
+
+    Dispatch is asynchronous, so with ``--xla_force_host_platform_device_count=2``
+    two CPU victims run at once (JAX_NOTES.md: 1.26x; here 1.29x for iDLG).
+    """
+    devices = jax.local_devices()
+    single = jax.jit(one)
+    take = lambda a, ax, i: jax.tree_util.tree_map(lambda v: v[i], a) if ax == 0 else a
+    it = range(n)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="attack", unit="victim")
+    outs = [single(*jax.device_put([take(a, ax, i) for a, ax in zip(args, axes)], devices[i % len(devices)])) for i in it]
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack([jax.device_put(x, devices[0]) for x in xs]), *outs)
+
+
+def attack_victims(
+    attack: str | Callable[..., AttackResult],
+    key: Array,
+    apply_fn: ApplyFn,
+    variables: PyTree,
+    target_grads: PyTree,
+    x_shape: Sequence[int],
+    labels: Optional[Array] = None,
+    *,
+    config: AttackConfig = PAPER,
+    per_victim_params: bool = True,
+    x_true: Optional[Array] = None,
+    strategy: str = "auto",
+    chunk_size: Optional[int] = None,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Runs one attack on V victims (``jaxleak.victims.map_victims``) and scores it.
+
+    Args:
+      attack: a name in :data:`ATTACKS` or a one-victim attack function.
+      key: one PRNG key, split into one per victim, or ``(V, 2)`` keys, one per victim.
+      variables: stacked per-victim variables (leading axis V) or one shared model.
+      target_grads: stacked shared gradients, leading axis V.
+      labels: ``(V, K)`` for ``given_label``/``inverting_gradients``.
+      x_true: ``(V, H, W, C)`` private images for MSE/PSNR/SSIM (optional).
+      strategy: ``"vmap"``, ``"loop"`` or ``"auto"`` (:data:`DEFAULT_STRATEGY` per backend).
+
+    Returns:
+      numpy arrays with a leading V axis: ``reconstruction``, ``label`` (K,),
+      ``label_index``, ``loss``, ``loss_history``, ``steps``, ``evals``,
+      ``snapshots`` and, with ``x_true``, ``mse``, ``psnr``, ``ssim``.
+    """
+    fn = ATTACKS[attack] if isinstance(attack, str) else attack
+    n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
+    keys = _victims.victim_keys(key, n)
+    if strategy == "auto":
+        strategy = DEFAULT_STRATEGY.get(jax.default_backend(), "vmap")
+    shape = tuple(x_shape)
+    if labels is None:
+        one = lambda k, v, g: fn(k, apply_fn, v, g, shape, config=config)
+        args, axes = (keys, variables, target_grads), (0, 0 if per_victim_params else None, 0)
+    else:
+        one = lambda k, v, g, y: fn(k, apply_fn, v, g, shape, y, config=config)
+        args, axes = (keys, variables, target_grads, labels), (0, 0 if per_victim_params else None, 0, 0)
+    if strategy == "loop" and len(jax.local_devices()) > 1:
+        res = _loop_over_devices(one, args, axes, n, progress)
+    else:
+        res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack")
+    out = {name: np.asarray(v) for name, v in res._asdict().items()}
+    out["reconstruction"] = out.pop("x")
+    out["label_index"] = out["label"].argmax(-1)
+    if x_true is not None:
+        rec = jnp.asarray(out["reconstruction"])
+        out["mse"] = np.asarray(_metrics.mse(rec, x_true))
+        out["psnr"] = np.asarray(_metrics.psnr(rec, x_true))
+        out["ssim"] = np.asarray(_metrics.ssim(rec, x_true))
+    return out

@@ -1,0 +1,237 @@
+"""L-BFGS with PyTorch's ``torch.optim.LBFGS`` semantics, as a pure ``init``/``update`` pair.
+
+The DLG and iDLG numbers (Zhu et al. 2019; Zhao et al. 2020, Table 1 and
+Figure 1) were produced with ``torch.optim.LBFGS(lr=1)``: a fixed step, no line
+search, up to ``max_iter`` inner iterations per ``step`` call, a curvature
+history that persists across calls, and a set of early-exit tolerances
+(ALGORITHMS.md §2.3). optax's ``lbfgs`` uses a zoom line search and behaves
+differently (JAX_NOTES.md, "Gradient matching"), so this module ports the
+PyTorch rules one for one on a flat parameter vector ``x`` ``(n,)``.
+
+Every early exit of PyTorch's inner loop is a boolean in a ``lax.while_loop``
+carry, so one call is ``jit``-able and ``vmap``-able over victims: under
+``vmap`` a finished victim's carry is frozen by ``while_loop``'s batching rule
+while the others continue.
+
+The history is a ring buffer of ``history_size`` slots. The two-loop
+recursion (Nocedal & Wright 2006, Algorithm 7.4) walks it newest to oldest
+and back, exactly as PyTorch walks its Python lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+ValueAndGrad = Callable[[Array], tuple[Array, Array]]
+
+
+@dataclasses.dataclass(frozen=True)
+class TorchLBFGSConfig:
+    """``torch.optim.LBFGS`` hyper-parameters; the defaults are iDLG's (``lr=1``, PyTorch defaults).
+
+    ``max_eval`` ``None`` means PyTorch's ``max_iter * 5 // 4`` (25).
+    """
+
+    lr: float = 1.0
+    max_iter: int = 20
+    max_eval: Optional[int] = None
+    tolerance_grad: float = 1e-7
+    tolerance_change: float = 1e-9
+    history_size: int = 100
+
+    def __post_init__(self):
+        if self.max_iter < 1:
+            raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
+        if self.history_size < 1:
+            raise ValueError(f"history_size must be >= 1, got {self.history_size}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+    @property
+    def eval_budget(self) -> int:
+        return self.max_eval if self.max_eval is not None else self.max_iter * 5 // 4
+
+
+class TorchLBFGSState(NamedTuple):
+    """Everything ``torch.optim.LBFGS`` keeps in ``self.state`` (plus the iterate).
+
+    Shapes: ``x, d, prev_grad`` ``(n,)``; ``s_hist, y_hist`` ``(m, n)``;
+    ``rho`` ``(m,)``; the rest scalars. ``head`` is the next ring slot,
+    ``count`` the number of stored pairs.
+    """
+
+    x: Array
+    d: Array
+    t: Array
+    prev_grad: Array
+    prev_loss: Array
+    s_hist: Array
+    y_hist: Array
+    rho: Array
+    head: Array
+    count: Array
+    h_diag: Array
+    n_iter: Array
+    func_evals: Array
+
+
+class TorchLBFGS(NamedTuple):
+    """The optimiser as a pair of pure functions (optax style)."""
+
+    init: Callable[[Array], TorchLBFGSState]
+    update: Callable[..., tuple[TorchLBFGSState, Array]]
+
+
+def init(x0: Array, config: TorchLBFGSConfig = TorchLBFGSConfig()) -> TorchLBFGSState:
+    """Fresh optimiser state at the flat iterate ``x0`` ``(n,)`` (no history, ``n_iter = 0``)."""
+    x0 = jnp.asarray(x0)
+    if x0.ndim != 1:
+        raise ValueError(f"x0 must be a flat vector (n,), got shape {x0.shape}; use jax.flatten_util.ravel_pytree")
+    m, n, dt = config.history_size, x0.shape[0], x0.dtype
+    zero = jnp.zeros((), dt)
+    return TorchLBFGSState(
+        x=x0,
+        d=jnp.zeros_like(x0),
+        t=zero,
+        prev_grad=jnp.zeros_like(x0),
+        prev_loss=zero,
+        s_hist=jnp.zeros((m, n), dt),
+        y_hist=jnp.zeros((m, n), dt),
+        rho=jnp.zeros((m,), dt),
+        head=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+        h_diag=jnp.ones((), dt),
+        n_iter=jnp.zeros((), jnp.int32),
+        func_evals=jnp.zeros((), jnp.int32),
+    )
+
+
+def two_loop(grad: Array, s_hist: Array, y_hist: Array, rho: Array, head: Array, count: Array, h_diag: Array) -> Array:
+    """The L-BFGS direction ``-H g`` by the two-loop recursion over a ring buffer.
+
+    ``H`` is the inverse-Hessian approximation built from the ``count`` most
+    recent pairs (oldest at slot ``head - count``), started from ``h_diag * I``
+    (Nocedal & Wright 2006, Alg. 7.4; PyTorch's ``lbfgs.py``). ``grad`` ``(n,)``.
+    """
+    m = s_hist.shape[0]
+
+    def newest_first(j, carry):
+        q, alpha = carry
+        i = (head - 1 - j) % m
+        a = rho[i] * jnp.vdot(s_hist[i], q)
+        return q - a * y_hist[i], alpha.at[i].set(a)
+
+    q, alpha = lax.fori_loop(0, count, newest_first, (-grad, jnp.zeros_like(rho)))
+
+    def oldest_first(j, r):
+        i = (head - count + j) % m
+        b = rho[i] * jnp.vdot(y_hist[i], r)
+        return r + (alpha[i] - b) * s_hist[i]
+
+    return lax.fori_loop(0, count, oldest_first, q * h_diag)
+
+
+def update(
+    state: TorchLBFGSState,
+    value_and_grad: ValueAndGrad,
+    config: TorchLBFGSConfig = TorchLBFGSConfig(),
+    value: Optional[Array] = None,
+    grad: Optional[Array] = None,
+) -> tuple[TorchLBFGSState, Array]:
+    """One ``torch.optim.LBFGS.step`` (ALGORITHMS.md §2.3): up to ``max_iter`` fixed-step iterations.
+
+    Args:
+      state: from :func:`init` or a previous :func:`update`.
+      value_and_grad: ``x (n,) -> (loss (), grad (n,))``, the closure.
+      config: hyper-parameters.
+      value, grad: the closure evaluated at ``state.x`` if the caller already
+        has it (saves the first evaluation, which PyTorch always makes).
+
+    Returns:
+      ``(new_state, loss at the start of the step)``, as PyTorch's ``step``
+      returns the loss of its first closure call.
+    """
+    cfg = config
+    m = cfg.history_size
+    if value is None or grad is None:
+        value, grad = value_and_grad(state.x)
+    value = jnp.asarray(value, state.x.dtype)
+    loss0 = value
+    first_opt = jnp.max(jnp.abs(grad)) <= cfg.tolerance_grad
+
+    def cond(c):
+        return ~c["stop"]
+
+    def body(c):
+        k = c["k"] + 1
+        n_iter = c["n_iter"] + 1
+        first = n_iter == 1
+        g = c["g"]
+        # Curvature pair from the previous iteration (or the previous step call).
+        y = g - c["prev_grad"]
+        s = c["d"] * c["t"]
+        ys = jnp.vdot(y, s)
+        push = (~first) & (ys > 1e-10)
+        head = c["head"]
+        s_hist = c["s_hist"].at[head].set(jnp.where(push, s, c["s_hist"][head]))
+        y_hist = c["y_hist"].at[head].set(jnp.where(push, y, c["y_hist"][head]))
+        rho = c["rho"].at[head].set(jnp.where(push, 1.0 / jnp.where(push, ys, 1.0), c["rho"][head]))
+        head = jnp.where(push, (head + 1) % m, head)
+        count = jnp.where(push, jnp.minimum(c["count"] + 1, m), c["count"])
+        yy = jnp.vdot(y, y)
+        h_diag = jnp.where(push, ys / jnp.where(push, yy, 1.0), c["h_diag"])
+        # The very first iteration of the optimiser's life restarts the history (PyTorch does too).
+        count = jnp.where(first, 0, count)
+        head = jnp.where(first, 0, head)
+        h_diag = jnp.where(first, jnp.ones_like(h_diag), h_diag)
+        d = jnp.where(first, -g, two_loop(g, s_hist, y_hist, rho, head, count, h_diag))
+        prev_grad, prev_loss = g, c["loss"]
+        t = jnp.where(first, jnp.minimum(1.0, 1.0 / jnp.sum(jnp.abs(g))) * cfg.lr, cfg.lr).astype(g.dtype)
+        gtd = jnp.vdot(g, d)
+        not_descent = gtd > -cfg.tolerance_change
+        x = jnp.where(not_descent, c["x"], c["x"] + t * d)
+        do_eval = (~not_descent) & (k != cfg.max_iter)
+        loss, g_new = lax.cond(do_eval, value_and_grad, lambda _: (c["loss"], g), x)
+        loss = jnp.asarray(loss, g.dtype)
+        evals = c["evals"] + do_eval.astype(jnp.int32)
+        opt_cond = do_eval & (jnp.max(jnp.abs(g_new)) <= cfg.tolerance_grad)
+        stop = (
+            not_descent
+            | (k == cfg.max_iter)
+            | (evals >= cfg.eval_budget)
+            | opt_cond
+            | (jnp.max(jnp.abs(t * d)) <= cfg.tolerance_change)
+            | (jnp.abs(loss - prev_loss) < cfg.tolerance_change)
+        )
+        return dict(
+            k=k, n_iter=n_iter, x=x, g=g_new, loss=loss, d=d, t=t, prev_grad=prev_grad, prev_loss=prev_loss,
+            s_hist=s_hist, y_hist=y_hist, rho=rho, head=head, count=count, h_diag=h_diag, evals=evals, stop=stop,
+        )
+
+    carry = dict(
+        k=jnp.zeros((), jnp.int32), n_iter=state.n_iter, x=state.x, g=grad, loss=value, d=state.d, t=state.t,
+        prev_grad=state.prev_grad, prev_loss=state.prev_loss, s_hist=state.s_hist, y_hist=state.y_hist,
+        rho=state.rho, head=state.head, count=state.count, h_diag=state.h_diag,
+        evals=jnp.ones((), jnp.int32), stop=first_opt,
+    )
+    c = lax.while_loop(cond, body, carry)
+    new = TorchLBFGSState(
+        x=c["x"], d=c["d"], t=c["t"], prev_grad=c["prev_grad"], prev_loss=c["prev_loss"], s_hist=c["s_hist"],
+        y_hist=c["y_hist"], rho=c["rho"], head=c["head"], count=c["count"], h_diag=c["h_diag"],
+        n_iter=c["n_iter"], func_evals=state.func_evals + c["evals"],
+    )
+    return new, loss0
+
+
+def torch_lbfgs(config: TorchLBFGSConfig = TorchLBFGSConfig()) -> TorchLBFGS:
+    """``(init, update)`` closed over ``config``: ``update(state, value_and_grad, value=None, grad=None)``."""
+    return TorchLBFGS(
+        init=lambda x0: init(x0, config),
+        update=lambda state, vg, value=None, grad=None: update(state, vg, config, value, grad),
+    )
