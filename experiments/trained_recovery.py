@@ -1,0 +1,273 @@
+"""Soft-label recovery on *trained* victims (T7, T12, T13 of ALGORITHMS.md §8).
+
+Loads the checkpoints of ``experiments/train_victims.py`` and measures, on the
+held-out CIFAR-10 subset images (the 400-image test split, 40 per class):
+
+* T7  — mixup on the trained LeNet: the 45 class pairs x ``per_pair`` (paper: 20)
+  draws, mu ~ U(0, 1), both ``soft_label`` search modes (robust; paper L-BFGS
+  + particle swarm, c = 2), success by every criterion of §4.8.
+* smoothing on the trained ResNet18 (CIFAR stem): 10 classes x ``per_class``
+  (paper: 100) with replacement, eps ~ U(0, 0.5), c = 4.
+* T12 — the lambda landscape ``L(lam)`` (c = 1) on the trained ResNet18: how often
+  it has a spurious local minimum (and where), plotted for one sample.
+* (extra) mixup on the mixup-trained ResNet18, same protocol as T7.
+* T13 — the iDLG rule (argmin of the head-gradient column sums) with soft labels,
+  trained vs untrained networks: how often it misses the dominant class.
+
+Only the last layer matters for these read-outs, so the head gradient is formed
+as ``outer(h, softmax(z) - y)`` from one forward pass (checked against the full
+``jaxleak.victims.gradient`` on a few victims).
+
+    python experiments/trained_recovery.py --out results/trained_recovery [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxleak import data, labels, models, recovery, report, train
+from jaxleak import victims as _victims
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CKPT = REPO / "results" / "checkpoints"
+SEED = 2023
+COEF = {"smoothing": 4.0, "mixup": 2.0}
+
+
+def _build(model_name: str, k: int):
+    return models.LeNet(num_classes=k, head_bias=False) if model_name == "lenet" else models.ResNet18(k, stem="cifar")
+
+
+def load_victim(model_name: str, regime: str, ckpt_dir=CKPT):
+    variables, recipe = train.load_checkpoint(pathlib.Path(ckpt_dir) / f"{model_name}_{regime}_cifar10.msgpack")
+    return _build(model_name, recipe["num_classes"]), variables, recipe
+
+
+def head_gradients(model, variables, x: np.ndarray, y: np.ndarray, batch: int = 100):
+    """``(G (V, d, K), h (V, d), p (V, K))`` with ``G = outer(h, p - y)``: the head-kernel gradient of each victim."""
+    fwd = jax.jit(lambda v, xb: model.apply(v, xb, return_feature=True))
+    hs, ps = [], []
+    for s in range(0, len(x), batch):
+        z, h = fwd(variables, jnp.asarray(x[s:s + batch]))
+        hs.append(np.asarray(h))
+        ps.append(np.asarray(jax.nn.softmax(z)))
+    h, p = np.concatenate(hs), np.concatenate(ps)
+    return h[:, :, None] * (p - y)[:, None, :], h, p
+
+
+def _check_head_gradient(model, variables, x, y, G):
+    for i in range(2):
+        g = _victims.gradient(model.apply, variables, jnp.asarray(x[i]), jnp.asarray(y[i]))
+        np.testing.assert_allclose(models.last_layer(g)[0], G[i], rtol=1e-4, atol=1e-6)
+
+
+def score(sl, y, p, kind: str) -> dict:
+    """§4.8 criteria: the code's ``|s_hat - s*| < 0.01`` (s = c * lam, s* from the true delta_r), label max-abs < 1e-3, argmax."""
+    V = len(y)
+    r = np.asarray(sl.row)
+    delta_r = (p - y)[np.arange(V), r]
+    lam_true = 1.0 / delta_r
+    c = COEF[kind]
+    paper_ok = np.asarray(sl.ok) & (np.abs(c * np.asarray(sl.lam) - c * lam_true) < 0.01)
+    lab_err = np.abs(np.asarray(sl.label) - y).max(1)
+    out = {"n": V, "ok": float(np.mean(sl.ok)), "paper_criterion": float(np.mean(paper_ok)),
+           "label_maxabs_lt_1e-3": float(np.mean(lab_err < 1e-3)),
+           "argmax": float(np.mean(np.asarray(sl.label).argmax(1) == y.argmax(1))),
+           "median_label_err": float(np.median(lab_err)), "lam_true_positive": float(np.mean(lam_true > 0)),
+           "swarm_used": int(np.sum(np.asarray(sl.swarm))),
+           "failure_reasons": {recovery.REASONS[int(k)]: int(v) for k, v in
+                               zip(*np.unique(np.asarray(sl.reason)[~np.asarray(sl.ok)], return_counts=True))},
+           "failed_true_lam": [float(v) for v in lam_true[~np.asarray(sl.ok)][:20]]}
+    if kind == "mixup":
+        mu_true = np.sort(y, 1)[:, -2]
+        out["median_abs_mu_err"] = float(np.nanmedian(np.abs(np.asarray(sl.mu) - mu_true)))
+    else:
+        eps_true = y.min(1) * y.shape[1]
+        out["median_abs_eps_err"] = float(np.nanmedian(np.abs(np.asarray(sl.epsilon) - eps_true)))
+    return out
+
+
+def landscape_loss(G, W, lams, kind: str = "smoothing"):
+    """``L(lam)`` of §4.5 (1000 x population variance of the K-1 / K-2 smallest entries of y_hat) on a grid."""
+    drop = 1 if kind == "smoothing" else 2
+
+    def one(lam):
+        y, _, _ = recovery.pseudo_label(G, W, lam)
+        return 1000.0 * jnp.var(jnp.sort(y)[:-drop])
+
+    return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(lams)))
+
+
+def spurious_minima(lams, L, lam_true, tol=0.05, window=50, depth=1e-3):
+    """Interior grid local minima of ``L`` more than ``tol`` (relative) away from ``lam_true``.
+
+    A minimum counts only if it is at least ``depth`` (relative) below the highest
+    value within ``window`` grid points on *both* sides (no rounding ripples).
+    """
+    out = []
+    for j in np.flatnonzero((L[1:-1] < L[:-2]) & (L[1:-1] < L[2:])) + 1:
+        left, right = L[max(0, j - window):j].max(), L[j + 1:j + 1 + window].max()
+        if L[j] < (1 - depth) * min(left, right) and abs(lams[j] - lam_true) > tol * abs(lam_true):
+            out.append(float(lams[j]))
+    return out
+
+
+def _test_split(recipe, ds):
+    x = np.asarray(data.normalize(data.to_float(ds.images)))
+    te = np.asarray(recipe["split"]["test_indices"])
+    return x[te], np.asarray(ds.labels)[te]
+
+
+def mixup_victims(x, cls, per_pair, rng_seed=SEED):
+    a, b = data.mixup_pairs(cls, 10, per_pair, rng_seed)
+    mu = np.random.default_rng(rng_seed).uniform(0, 1, len(a)).astype(np.float32)
+    onehot = np.eye(10, dtype=np.float32)
+    xm, ym = labels.mixup(x[a], x[b], onehot[cls[a]], onehot[cls[b]], mu)
+    return np.asarray(xm), np.asarray(ym)
+
+
+def smoothing_victims(x, cls, per_class, rng_seed=SEED):
+    idx = data.sample_per_class(cls, per_class, rng_seed)
+    eps = np.random.default_rng(rng_seed).uniform(0, 0.5, len(idx)).astype(np.float32)
+    return x[idx], np.asarray(labels.smooth(jnp.asarray(cls[idx]), 10, jnp.asarray(eps)))
+
+
+def recover(G, W, kind, searches, log):
+    res = {}
+    for search in searches:
+        t = time.time()
+        cfg = recovery.PaperSearch(coefficient=COEF[kind]) if search == "paper" else None
+        res[search] = (recovery.soft_label(jnp.asarray(G), W, kind=kind, search=search, config=cfg, errors="flag"),
+                       time.time() - t)
+        log(f"  {kind}/{search}: {time.time() - t:.1f}s")
+    return res
+
+
+def idlg_rate(G, y) -> dict:
+    """iDLG's class (argmin column sum): rate equal to the dominant class, and rate among the top two (mixup)."""
+    pred = np.asarray(recovery.idlg_label(jnp.asarray(G), method="rowsum", errors="flag"))
+    top2 = np.argsort(y, 1)[:, -2:]
+    return {"dominant": float(np.mean(pred == y.argmax(1))), "top_two": float(np.mean((top2 == pred[:, None]).any(1)))}
+
+
+def untrained_like(model, variables, model_name, seed=0):
+    """The same architecture untrained with paper 2's inits (LeNet U(-0.5, 0.5); ResNet torchvision), BN stats 0/1."""
+    init = models.init_uniform if model_name == "lenet" else models.init_torch_resnet
+    fresh = {**variables, "params": init(variables["params"], jax.random.PRNGKey(seed))}
+    if "batch_stats" in variables:
+        fresh["batch_stats"] = jax.tree_util.tree_map_with_path(
+            lambda path, a: jnp.zeros_like(a) if path[-1].key == "mean" else jnp.ones_like(a), variables["batch_stats"])
+    return fresh
+
+
+def run(out="results/trained_recovery", quick=False, *, per_pair=20, per_class=100, searches=("robust", "paper"),
+        ckpt_dir=CKPT, npz_dir=None, log=print) -> dict:
+    t0 = time.time()
+    out = report.ensure_writable(out)
+    if quick:
+        per_pair, per_class = 2, 5
+    ds = data.load("cifar10", npz_dir=npz_dir, source="npz")
+    results = {"config": {"per_pair": per_pair, "per_class": per_class, "searches": list(searches), "seed": SEED,
+                          "images": "held-out split of cifar10_subset (40/class)", "coefficients": COEF}}
+    cases = [("lenet", "mixup", "mixup"), ("resnet18", "smoothing", "smoothing"), ("resnet18", "mixup", "mixup")]
+    for model_name, regime, kind in cases:
+        try:
+            model, variables, recipe = load_victim(model_name, regime, ckpt_dir)
+        except FileNotFoundError as e:
+            log(f"skipping {model_name}/{regime}: {e}")
+            continue
+        x, cls = _test_split(recipe, ds)
+        xv, yv = (mixup_victims(x, cls, per_pair) if kind == "mixup" else smoothing_victims(x, cls, per_class))
+        G, h, p = head_gradients(model, variables, xv, yv)
+        _check_head_gradient(model, variables, xv, yv, G)
+        W, _ = models.last_layer(variables)
+        log(f"{model_name} ({regime}-trained, test acc {recipe['test_accuracy']:.3f}): {len(yv)} {kind} victims")
+        entry = {"checkpoint": {k: recipe[k] for k in ("test_accuracy", "epochs_done", "optimizer", "label_regime")},
+                 "victims": len(yv)}
+        for search, (sl, secs) in recover(G, W, kind, searches, log).items():
+            entry[search] = {**score(jax.device_get(sl), yv, p, kind), "seconds": secs}
+            log(f"  {search}: {entry[search]}")
+        # T13: iDLG's rule with soft labels, trained vs untrained (same architecture, paper inits).
+        fresh = untrained_like(model, variables, model_name)
+        Gu, _, _ = head_gradients(model, fresh, xv, yv)
+        entry["idlg_rowsum_accuracy"] = {"trained": idlg_rate(G, yv), "untrained": idlg_rate(Gu, yv)}
+        log(f"  iDLG rule: {entry['idlg_rowsum_accuracy']}")
+        if model_name == "resnet18" and kind == "smoothing":
+            entry["landscape"] = _landscape(out, G, W, p, yv, log)
+        results[f"{model_name}_{regime}"] = entry
+    results["seconds"] = time.time() - t0
+    report.write_results(out, results["config"], {k: v for k, v in results.items() if k != "config"}, [])
+    log(f"wrote {out / 'results.json'} ({results['seconds']:.0f}s)")
+    return results
+
+
+def _landscape(out, G, W, p, y, log, n_max=200):
+    """T12 with c = 1: per sample, spurious interior minima of L on a lam grid around the truth (float64)."""
+    with jax.enable_x64(True):
+        return _landscape64(out, np.asarray(G, np.float64), jnp.asarray(np.asarray(W), jnp.float64),
+                            np.asarray(p, np.float64), np.asarray(y, np.float64), log, n_max)
+
+
+def _landscape64(out, G, W, p, y, log, n_max):
+    V = min(len(y), n_max)
+    rows = np.argmax(np.sum(G * G, axis=1), axis=1)
+    lam_true = 1.0 / (p - y)[np.arange(len(y)), rows]
+    counts, below, examples = 0, 0, []
+    for i in range(V):
+        lt = lam_true[i]
+        lams = np.linspace(-3 * abs(lt), 3 * abs(lt), 3001)
+        lams = lams[np.abs(lams) > 1e-3 * abs(lt)]
+        L = landscape_loss(jnp.asarray(G[i]), W, lams)
+        sp = spurious_minima(lams, L, lt)
+        if sp:
+            counts += 1
+            if any(np.sign(s) == np.sign(lt) and abs(s) < abs(lt) for s in sp):
+                below += 1
+            examples.append((i, lt, sp))
+    log(f"  landscape: {counts}/{V} samples have a spurious local minimum; {below} between 0 and lam*")
+    below_ex = [e for e in examples if any(np.sign(s) == np.sign(e[1]) and abs(s) < abs(e[1]) for s in e[2])]
+    pick = (below_ex or examples or [(0, lam_true[0], [])])[0]
+    i, lt, sp = pick
+    lams = np.linspace(-3 * abs(lt), 3 * abs(lt), 6001)
+    lams = lams[np.abs(lams) > 1e-3 * abs(lt)]
+    L = landscape_loss(jnp.asarray(G[i]), W, lams)
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.semilogy(lams, np.maximum(L, 1e-16), lw=1)
+    ax.axvline(lt, color="g", ls="--", label=f"true lambda = {lt:.4f}")
+    for s in sp:
+        ax.axvline(s, color="r", ls=":", lw=0.8)
+    ax.set_xlabel("lambda (c = 1)")
+    ax.set_ylabel("L(lambda) = 1000 Var")
+    ax.set_title(f"trained ResNet18 (smoothing), sample {i}; red: spurious minima", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(pathlib.Path(out) / "landscape_resnet18.png", dpi=120)
+    plt.close(fig)
+    return {"samples": V, "with_spurious_minimum": counts, "spurious_between_0_and_true": below,
+            "plotted_sample": int(i), "plotted_lam_true": float(lt), "plotted_spurious": sp[:10]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/trained_recovery"))
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--per-pair", type=int, default=20)
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--searches", nargs="+", default=["robust", "paper"], choices=["robust", "paper"])
+    a = p.parse_args(argv)
+    run(a.out, a.quick, per_pair=a.per_pair, per_class=a.per_class, searches=a.searches)
+    return 0
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", "/tmp/jaxleak-jax-cache"))
+    sys.exit(main())
