@@ -1,22 +1,27 @@
 """jaxleak: gradient-leakage attacks on federated learning in pure functional JAX.
 
 Layers (one-way): ``models``/``labels`` -> ``victims`` (shared gradients) ->
-``recovery`` (analytic read-outs) -> ``attacks`` (gradient matching) ->
-``metrics`` -> ``report`` -> ``cli``. ``data`` feeds images to the victims.
+``recovery``/``inversion`` (analytic read-outs) -> ``attacks`` (gradient matching,
+``lbfgs``) -> ``metrics`` -> ``report`` -> ``audit`` (the main job) -> ``cli``.
+``data`` feeds images to the victims; ``train`` makes trained victims.
 """
 
-from jaxleak import data, labels, metrics, models, report, victims
+from jaxleak import attacks, data, inversion, labels, lbfgs, metrics, models, recovery, report, train, victims
+from jaxleak.attacks import attack_victims, dlg, given_label, idlg, inverting_gradients
 from jaxleak.labels import mixup, one_hot, smooth
 from jaxleak.metrics import fidelity_curve, label_accuracy, mse, psnr, ssim
 from jaxleak.models import FCN4, AlexNet, LeNet, ResNet18, ResNet50, last_layer
-from jaxleak.victims import cross_entropy, gradient, gradients, init_victims
+from jaxleak.recovery import idlg_label, soft_label
+from jaxleak.victims import cross_entropy, gradient, gradients, init_victims, map_victims
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "data", "labels", "metrics", "models", "report", "victims",
+    "attacks", "data", "inversion", "labels", "lbfgs", "metrics", "models", "recovery", "report", "train", "victims",
+    "attack_victims", "dlg", "given_label", "idlg", "inverting_gradients",
     "one_hot", "smooth", "mixup",
     "mse", "psnr", "ssim", "label_accuracy", "fidelity_curve",
     "LeNet", "FCN4", "AlexNet", "ResNet18", "ResNet50", "last_layer",
-    "cross_entropy", "gradient", "gradients", "init_victims",
+    "idlg_label", "soft_label",
+    "cross_entropy", "gradient", "gradients", "init_victims", "map_victims",
 ]
