@@ -27,17 +27,9 @@ import sys
 import time
 
 
-def _cpu_devices_flag(default: int = 2) -> None:
-    """``--cpu-devices N`` (read before jax is imported): N virtual CPU devices so a loop of victims uses N cores."""
-    n = default
-    if "--cpu-devices" in sys.argv:
-        n = int(sys.argv[sys.argv.index("--cpu-devices") + 1])
-    flags = os.environ.get("XLA_FLAGS", "")
-    if n > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+from _xla import cpu_devices_flag  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
-
-_cpu_devices_flag()
+cpu_devices_flag()
 
 import jax
 import jax.numpy as jnp

@@ -282,14 +282,15 @@ def _run_script(script: str, argv: Sequence[str]) -> int:
     path = _experiments_dir() / script
     if not path.exists():
         raise UserError(f"{script} is not in {str(path.parent)!r} (not implemented yet in this version)")
-    old = sys.argv
+    old_argv, old_path = sys.argv, list(sys.path)
     sys.argv = [str(path), *argv]
+    sys.path.insert(0, str(path.parent))  # as `python experiments/X.py` would: scripts share helpers there
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
     finally:
-        sys.argv = old
+        sys.argv, sys.path[:] = old_argv, old_path
     return 0
 
 
