@@ -212,6 +212,8 @@ def map_victims(
     if len(sizes) != 1:
         raise ValueError(f"victim axes disagree: leading sizes {sorted(sizes)}")
     n = sizes.pop()
+    if n == 0:
+        raise ValueError("map_victims got 0 victims (empty victim axis)")
     if strategy == "auto":
         strategy = default_strategy(per_victim_params=False)
     if strategy not in ("vmap", "loop"):

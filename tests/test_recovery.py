@@ -282,7 +282,8 @@ def test_lenet_cifar10_idlg_and_soft_labels(lenet_victims):
                                                   ("fcn4", "torch", (64, 64, 3), "mixup")])
 def test_real_networks_soft_labels(shared_data, name, init, shape, kind):
     z = np.load(shared_data / ("cifar10_subset.npz" if shape[0] == 32 else "flowers17_64.npz"))
-    images, cls = z["images"][:8], z["labels"][:8]
+    idx = np.linspace(0, len(z["labels"]) - 1, 8).astype(int)  # spread over classes (files are class-sorted)
+    images, cls = z["images"][idx], z["labels"][idx]
     K = int(z["labels"].max()) + 1
     xs = jnp.asarray(images / 255.0 - 0.5, jnp.float32)
     model = models.get_model(name, K)
@@ -295,6 +296,7 @@ def test_real_networks_soft_labels(shared_data, name, init, shape, kind):
         xs, y = labels.mixup(xs, xs[::-1], labels.one_hot(jnp.asarray(cls), K), labels.one_hot(jnp.asarray(cls[::-1]), K),
                              jnp.asarray(rng.uniform(0, 1, 8), jnp.float32))
         keep = np.asarray(cls != cls[::-1])
+        assert keep.sum() >= 4
         xs, y = xs[keep], y[keep]
     dW = models.last_layer(victims.gradients(model.apply, variables, xs, y, chunk_size=4))[0]
     out = recovery.soft_label(dW, models.last_layer(variables)[0], kind=kind)

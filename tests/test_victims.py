@@ -124,6 +124,8 @@ def test_bad_inputs_get_clear_errors(lenet, batch):
     with pytest.raises(ValueError, match="per-victim params have 7"):
         pv = jl.init_victims(model, jax.random.PRNGKey(0), 7, SHAPE, init="uniform")
         jl.gradients(model.apply, pv, batch[0][:3], jl.one_hot(batch[1][:3], K), per_victim_params=True)
+    with pytest.raises(ValueError, match="0 victims"):
+        jl.gradients(model.apply, v, batch[0][:0], jl.one_hot(batch[1][:0], K))
     with pytest.raises(ValueError, match="strategy"):
         jl.gradients(model.apply, v, batch[0], jl.one_hot(batch[1], K), strategy="pmap")
 
