@@ -51,7 +51,8 @@ class AuditConfig:
         (Inverting Gradients: cosine + TV, Adam), ``soft-label`` (Wang et al.
         label + feature recovery, then matching with the recovered label) or
         ``labels`` (analytic label recovery only, no reconstruction).
-      labels: the victims' label regime: ``onehot``, ``smoothing`` or ``mixup``.
+      labels: the victims' label regime: ``onehot``, ``smoothing`` or ``mixup`` (soft-label
+        recovery treats a one-hot label as smoothing with epsilon = 0).
       epsilon, mu: fixed smoothing factor / mixup weight; ``None`` draws
         U(0, 0.5) / U(0, 1) per victim (paper 2's protocol).
       victims, seed: how many victims, and the seed of everything random.
@@ -100,8 +101,6 @@ class AuditConfig:
             raise ValueError(f"epsilon must be in [0, 1), got {self.epsilon}")
         if self.mu is not None and not 0 <= self.mu <= 1:
             raise ValueError(f"mu must be in [0, 1], got {self.mu}")
-        if self.attack == "soft-label" and self.labels == "onehot":
-            pass  # a one-hot label is a smoothed label with epsilon = 0: recoverable as such.
 
 
 def attack_config(config: AuditConfig) -> _attacks.AttackConfig:
