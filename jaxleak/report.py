@@ -159,6 +159,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: str | os.PathLike) -> pathlib.Path:
+    """Lays out, writes (PNG, 120 dpi) and closes a figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return pathlib.Path(path)
+
+
 def plot_reconstructions(
     path: str | os.PathLike,
     originals: np.ndarray,
@@ -186,10 +194,7 @@ def plot_reconstructions(
                 ax.set_ylabel(name, fontsize=8)
             if captions and name in captions:
                 ax.set_title(captions[name][j], fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return _save(fig, path)
 
 
 def plot_fidelity(
@@ -216,10 +221,7 @@ def plot_fidelity(
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return _save(fig, path)
 
 
 def plot_histogram(
@@ -238,7 +240,4 @@ def plot_histogram(
     ax.set_ylabel("victims")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return pathlib.Path(path)
+    return _save(fig, path)
