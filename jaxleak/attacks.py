@@ -506,22 +506,13 @@ ATTACKS: dict[str, Callable[..., AttackResult]] = {
 # --------------------------------------------------------------------------
 
 
-def _loop_over_devices(one: Callable, args: tuple, axes: tuple, n: int, progress: bool) -> AttackResult:
-    """A loop of one jitted single-victim attack, dealt round-robin over the local devices.
-
-    Dispatch is asynchronous, so with ``--xla_force_host_platform_device_count=2``
-    two CPU victims run at once (JAX_NOTES.md: 1.26x; here 1.29x for iDLG).
-    """
-    devices = jax.local_devices()
-    single = jax.jit(one)
-    take = lambda a, ax, i: jax.tree_util.tree_map(lambda v: v[i], a) if ax == 0 else a
-    it = range(n)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="attack", unit="victim")
-    outs = [single(*jax.device_put([take(a, ax, i) for a, ax in zip(args, axes)], devices[i % len(devices)])) for i in it]
-    return jax.tree_util.tree_map(lambda *xs: jnp.stack([jax.device_put(x, devices[0]) for x in xs]), *outs)
+@functools.lru_cache(maxsize=64)
+def _one_victim(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: AttackConfig, with_labels: bool) -> Callable:
+    """One stable single-victim function per (attack, model, shape, config), so the
+    driver's compilation cache (``jaxleak.victims.map_victims``) hits on every chunk."""
+    if with_labels:
+        return lambda k, v, g, y: fn(k, apply_fn, v, g, shape, y, config=config)
+    return lambda k, v, g: fn(k, apply_fn, v, g, shape, config=config)
 
 
 def attack_victims(
@@ -562,16 +553,11 @@ def attack_victims(
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY.get(jax.default_backend(), "vmap")
     shape = tuple(x_shape)
-    if labels is None:
-        one = lambda k, v, g: fn(k, apply_fn, v, g, shape, config=config)
-        args, axes = (keys, variables, target_grads), (0, 0 if per_victim_params else None, 0)
-    else:
-        one = lambda k, v, g, y: fn(k, apply_fn, v, g, shape, y, config=config)
-        args, axes = (keys, variables, target_grads, labels), (0, 0 if per_victim_params else None, 0, 0)
-    if strategy == "loop" and len(jax.local_devices()) > 1:
-        res = _loop_over_devices(one, args, axes, n, progress)
-    else:
-        res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack")
+    one = _one_victim(fn, apply_fn, shape, config, labels is not None)
+    args, axes = (keys, variables, target_grads), (0, 0 if per_victim_params else None, 0)
+    if labels is not None:
+        args, axes = args + (labels,), axes + (0,)
+    res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack")
     out = {name: np.asarray(v) for name, v in res._asdict().items()}
     out["reconstruction"] = out.pop("x")
     out["label_index"] = out["label"].argmax(-1)
