@@ -50,7 +50,27 @@ def make_victims(data: pathlib.Path, n: int, seed: int):
     return model, params, grads, x, y_int
 
 
-def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int) -> dict:
+#: Dense peak FLOP/s by device kind (vendor data sheets): float32 on CUDA cores, and TF32 tensor cores.
+PEAK_TFLOPS = {"H100": {"float32": 66.9, "tf32": 494.7}, "H200": {"float32": 66.9, "tf32": 494.7}}
+
+
+def flops_per_evaluation(model, params, grads, x, y_int, config: attacks.AttackConfig) -> float:
+    """XLA's FLOP count for one value-and-gradient of victim 0's matching objective (iDLG: label fixed)."""
+    take = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)
+    label = jax.nn.one_hot(int(y_int[0]), 100)
+    objective = attacks._matching_objective(model.apply, take(params), take(grads), config, label)
+    z = {"x": jnp.zeros_like(x[0])}
+    cost = jax.jit(jax.value_and_grad(objective)).lower(z).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def peak_tflops() -> dict:
+    kind = jax.devices()[0].device_kind
+    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), {})
+
+
+def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int, flops: float = 0.0) -> dict:
     n = x.shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), n)
     one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
@@ -75,8 +95,22 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
         evals = jnp.stack([jax.device_put(o.evals, devices[0]) for o in outs])
     seconds = time.time() - t
     mse = np.asarray(metrics.mse(rec, x))
+    extra = {}
+    if flops:
+        evals = np.asarray(evals)
+        # Useful work: the evaluations each victim asked for. Under vmap every victim runs as many
+        # loop iterations as the slowest one (finished ones are masked), so executed work is larger.
+        extra = {"gflops_per_eval": flops / 1e9, "useful_tflops_per_s": flops * float(evals.sum()) / seconds / 1e12}
+        if strategy == "vmap":
+            extra["executed_tflops_per_s"] = flops * n * float(evals.max()) / seconds / 1e12
+        peak = peak_tflops()
+        for k, v in peak.items():
+            extra[f"useful_fraction_of_{k}_peak"] = extra["useful_tflops_per_s"] / v
+            if "executed_tflops_per_s" in extra:
+                extra[f"executed_fraction_of_{k}_peak"] = extra["executed_tflops_per_s"] / v
     return _summary("jaxleak", n, seconds, mse, np.asarray(evals), compile_s=compile_s, strategy=strategy,
-                    devices=len(devices) if strategy == "loop" else 1)
+                    devices=len(devices) if strategy == "loop" else 1, device_kind=devices[0].device_kind,
+                    matmul_precision=str(jax.config.jax_default_matmul_precision), **extra)
 
 
 def bench_torch(params, x, y_int, n: int, seed: int) -> dict:
@@ -120,9 +154,10 @@ def main(argv=None) -> int:
     rows = []
     for v in args.victims:
         model, params, grads, x, y_int = make_victims(args.data, v, args.seed)
+        flops = flops_per_evaluation(model, params, grads, x, y_int, config)
         for strategy in args.strategies:
             s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
-            rows.append({"V": v, "backend": backend, **bench_jax(model, params, grads, x, s, config, args.seed)})
+            rows.append({"V": v, "backend": backend, **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
             print(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}), flush=True)
         if args.torch_victims:
             rows.append({"V": v, "backend": "cpu", **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed)})

@@ -138,6 +138,11 @@ class AttackConfig:
       exclude_tensors: gradient tensors left out of the distance (paths like ``"head/kernel"``).
       restarts: independent random initialisations; the lowest final loss wins.
       snapshot_every: keep ``x'`` every this many steps (Figure 2 of iDLG).
+      precision: matmul/convolution precision inside the attack (``jax.default_matmul_precision``).
+        ``"highest"`` keeps full float32: on GPUs the default lets XLA use TF32
+        (10-bit mantissa), and gradient matching then stalls far from the
+        optimum (measured on an H100: iDLG on MNIST 37 % of victims below MSE
+        1e-3 with the default, vs 87 % on CPU). ``None`` leaves the backend's default.
     """
 
     distance: str = "l2"
@@ -156,8 +161,11 @@ class AttackConfig:
     exclude_tensors: tuple[str, ...] = ()
     restarts: int = 1
     snapshot_every: int = 10
+    precision: Optional[str] = "highest"
 
     def __post_init__(self):
+        if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
+            raise ValueError(f"precision must be None or a jax.default_matmul_precision name, got {self.precision!r}")
         if self.distance not in DISTANCES:
             raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
         if self.optimizer not in ("torch_lbfgs", "optax_lbfgs", "adam"):
@@ -286,9 +294,11 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
 
 
 def _optimise(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
-    if config.optimizer == "torch_lbfgs":
-        return _run_torch_lbfgs(objective, z0, config)
-    return _run_first_order(objective, z0, config)
+    run = _run_torch_lbfgs if config.optimizer == "torch_lbfgs" else _run_first_order
+    if config.precision is None:
+        return run(objective, z0, config)
+    with jax.default_matmul_precision(config.precision):  # applies to everything traced inside
+        return run(objective, z0, config)
 
 
 # --------------------------------------------------------------------------

@@ -13,9 +13,21 @@ carry, so one call is ``jit``-able and ``vmap``-able over victims: under
 ``vmap`` a finished victim's carry is frozen by ``while_loop``'s batching rule
 while the others continue.
 
-The history is a ring buffer of ``history_size`` slots. The two-loop
-recursion (Nocedal & Wright 2006, Algorithm 7.4) walks it newest to oldest
-and back, exactly as PyTorch walks its Python lists.
+The history is a ring buffer of ``history_size`` slots. The direction
+``-H g`` is computed one of two ways (``TorchLBFGSConfig.direction``):
+
+- ``"two_loop"``: the two-loop recursion (Nocedal & Wright 2006, Algorithm
+  7.4) walks the buffer newest to oldest and back, exactly as PyTorch walks its
+  Python lists. 2·count dependent steps: cheap on a CPU, but on a GPU every
+  step of a loop with a data-dependent trip count is a kernel launch and a
+  device-to-host sync of the loop predicate.
+- ``"compact"``: the same ``H`` in the compact representation of Byrd,
+  Nocedal & Schnabel (1994, Theorem 2.2), with the Gram matrices ``S^T Y`` and
+  ``Y^T Y`` kept up to date in the state: a few batched matrix products and two
+  ``m x m`` triangular solves, no loop.
+- ``"auto"`` (default): ``"two_loop"`` on CPU, ``"compact"`` elsewhere.
+
+Both give the same direction up to rounding (tests compare them in float64).
 """
 
 from __future__ import annotations
@@ -44,8 +56,11 @@ class TorchLBFGSConfig:
     tolerance_grad: float = 1e-7
     tolerance_change: float = 1e-9
     history_size: int = 100
+    direction: str = "auto"
 
     def __post_init__(self):
+        if self.direction not in ("auto", "two_loop", "compact"):
+            raise ValueError(f"direction must be 'auto', 'two_loop' or 'compact', got {self.direction!r}")
         if self.max_iter < 1:
             raise ValueError(f"max_iter must be >= 1, got {self.max_iter}")
         if self.history_size < 1:
@@ -62,8 +77,9 @@ class TorchLBFGSState(NamedTuple):
     """Everything ``torch.optim.LBFGS`` keeps in ``self.state`` (plus the iterate).
 
     Shapes: ``x, d, prev_grad`` ``(n,)``; ``s_hist, y_hist`` ``(m, n)``;
-    ``rho`` ``(m,)``; the rest scalars. ``head`` is the next ring slot,
-    ``count`` the number of stored pairs.
+    ``rho`` ``(m,)``; ``sy[i, j] = s_i . y_j`` and ``yy[i, j] = y_i . y_j``
+    ``(m, m)`` over ring slots (used by the compact direction); the rest
+    scalars. ``head`` is the next ring slot, ``count`` the number of stored pairs.
     """
 
     x: Array
@@ -74,6 +90,8 @@ class TorchLBFGSState(NamedTuple):
     s_hist: Array
     y_hist: Array
     rho: Array
+    sy: Array
+    yy: Array
     head: Array
     count: Array
     h_diag: Array
@@ -104,6 +122,8 @@ def init(x0: Array, config: TorchLBFGSConfig = TorchLBFGSConfig()) -> TorchLBFGS
         s_hist=jnp.zeros((m, n), dt),
         y_hist=jnp.zeros((m, n), dt),
         rho=jnp.zeros((m,), dt),
+        sy=jnp.zeros((m, m), dt),
+        yy=jnp.zeros((m, m), dt),
         head=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
         h_diag=jnp.ones((), dt),
@@ -137,6 +157,43 @@ def two_loop(grad: Array, s_hist: Array, y_hist: Array, rho: Array, head: Array,
     return lax.fori_loop(0, count, oldest_first, q * h_diag)
 
 
+def compact_direction(grad: Array, s_hist: Array, y_hist: Array, sy: Array, yy: Array, head: Array, count: Array,
+                      h_diag: Array) -> Array:
+    """The L-BFGS direction ``-H g`` from the compact representation (Byrd, Nocedal, Schnabel 1994, Thm 2.2).
+
+    With the ``k = count`` pairs in chronological order as columns of ``S`` and
+    ``Y``, ``R = triu(S^T Y)``, ``D = diag(S^T Y)`` and ``gamma = h_diag``::
+
+        H = gamma I + [S  gamma Y] [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]] [S^T; gamma Y^T]
+
+    — the same matrix the two-loop recursion applies. ``sy`` and ``yy`` are the
+    Gram matrices over ring slots; the ring is put in chronological order by
+    permuting these ``m x m`` matrices, never the ``(m, n)`` history.
+    """
+    m = s_hist.shape[0]
+    order = (head - count + jnp.arange(m)) % m  # chronological position j -> ring slot
+    valid = jnp.arange(m) < count
+    both = valid[:, None] & valid[None, :]
+    sy_o = sy[order][:, order]
+    yy_o = jnp.where(both, yy[order][:, order], 0.0)
+    r = jnp.where(both, jnp.triu(sy_o), jnp.eye(m, dtype=sy.dtype))
+    dg = jnp.where(valid, jnp.diagonal(sy_o), 0.0)
+    a = jnp.where(valid, (s_hist @ grad)[order], 0.0)
+    b = jnp.where(valid, (y_hist @ grad)[order], 0.0)
+    u = jax.scipy.linalg.solve_triangular(r, a, lower=False)  # R^-1 S^T g
+    w = dg * u + h_diag * (yy_o @ u) - h_diag * b
+    top = jax.scipy.linalg.solve_triangular(r, w, lower=False, trans="T")
+    unorder = lambda c: jnp.zeros_like(c).at[order].set(c)
+    hg = h_diag * grad + unorder(top) @ s_hist - h_diag * (unorder(u) @ y_hist)
+    return -hg
+
+
+def _direction(cfg: "TorchLBFGSConfig") -> str:
+    if cfg.direction != "auto":
+        return cfg.direction
+    return "two_loop" if jax.default_backend() == "cpu" else "compact"
+
+
 def update(
     state: TorchLBFGSState,
     value_and_grad: ValueAndGrad,
@@ -164,6 +221,7 @@ def update(
     value = jnp.asarray(value, state.x.dtype)
     loss0 = value
     first_opt = jnp.max(jnp.abs(grad)) <= cfg.tolerance_grad
+    compact = _direction(cfg) == "compact"
 
     def cond(c):
         return ~c["stop"]
@@ -182,6 +240,11 @@ def update(
         s_hist = c["s_hist"].at[head].set(jnp.where(push, s, c["s_hist"][head]))
         y_hist = c["y_hist"].at[head].set(jnp.where(push, y, c["y_hist"][head]))
         rho = c["rho"].at[head].set(jnp.where(push, 1.0 / jnp.where(push, ys, 1.0), c["rho"][head]))
+        gram_sy, gram_yy = c["sy"], c["yy"]
+        if compact:  # the new slot's row and column of S^T Y and Y^T Y
+            sy_row, sy_col, yy_col = y_hist @ s_hist[head], s_hist @ y_hist[head], y_hist @ y_hist[head]
+            gram_sy = jnp.where(push, gram_sy.at[head, :].set(sy_row).at[:, head].set(sy_col), gram_sy)
+            gram_yy = jnp.where(push, gram_yy.at[head, :].set(yy_col).at[:, head].set(yy_col), gram_yy)
         head = jnp.where(push, (head + 1) % m, head)
         count = jnp.where(push, jnp.minimum(c["count"] + 1, m), c["count"])
         yy = jnp.vdot(y, y)
@@ -190,7 +253,10 @@ def update(
         count = jnp.where(first, 0, count)
         head = jnp.where(first, 0, head)
         h_diag = jnp.where(first, jnp.ones_like(h_diag), h_diag)
-        d = jnp.where(first, -g, two_loop(g, s_hist, y_hist, rho, head, count, h_diag))
+        if compact:
+            d = jnp.where(first, -g, compact_direction(g, s_hist, y_hist, gram_sy, gram_yy, head, count, h_diag))
+        else:
+            d = jnp.where(first, -g, two_loop(g, s_hist, y_hist, rho, head, count, h_diag))
         prev_grad, prev_loss = g, c["loss"]
         t = jnp.where(first, jnp.minimum(1.0, 1.0 / jnp.sum(jnp.abs(g))) * cfg.lr, cfg.lr).astype(g.dtype)
         gtd = jnp.vdot(g, d)
@@ -211,19 +277,19 @@ def update(
         )
         return dict(
             k=k, n_iter=n_iter, x=x, g=g_new, loss=loss, d=d, t=t, prev_grad=prev_grad, prev_loss=prev_loss,
-            s_hist=s_hist, y_hist=y_hist, rho=rho, head=head, count=count, h_diag=h_diag, evals=evals, stop=stop,
+            s_hist=s_hist, y_hist=y_hist, rho=rho, sy=gram_sy, yy=gram_yy, head=head, count=count, h_diag=h_diag, evals=evals, stop=stop,
         )
 
     carry = dict(
         k=jnp.zeros((), jnp.int32), n_iter=state.n_iter, x=state.x, g=grad, loss=value, d=state.d, t=state.t,
         prev_grad=state.prev_grad, prev_loss=state.prev_loss, s_hist=state.s_hist, y_hist=state.y_hist,
-        rho=state.rho, head=state.head, count=state.count, h_diag=state.h_diag,
+        rho=state.rho, sy=state.sy, yy=state.yy, head=state.head, count=state.count, h_diag=state.h_diag,
         evals=jnp.ones((), jnp.int32), stop=first_opt,
     )
     c = lax.while_loop(cond, body, carry)
     new = TorchLBFGSState(
         x=c["x"], d=c["d"], t=c["t"], prev_grad=c["prev_grad"], prev_loss=c["prev_loss"], s_hist=c["s_hist"],
-        y_hist=c["y_hist"], rho=c["rho"], head=c["head"], count=c["count"], h_diag=c["h_diag"],
+        y_hist=c["y_hist"], rho=c["rho"], sy=c["sy"], yy=c["yy"], head=c["head"], count=c["count"], h_diag=c["h_diag"],
         n_iter=c["n_iter"], func_evals=state.func_evals + c["evals"],
     )
     return new, loss0

@@ -187,6 +187,21 @@ def test_bad_input_gets_clear_errors(tiny):
         attacks.given_label(key, apply, p, g, SHAPE, jnp.ones(3) / 3)
     with pytest.raises(ValueError, match="optimizer must be"):
         attacks.AttackConfig(optimizer="sgd")
+    with pytest.raises(ValueError, match="precision must be"):
+        attacks.AttackConfig(precision="fp8")
+
+
+def test_gpu_code_paths_agree_with_cpu_ones(tiny):
+    """What "auto" picks on a GPU (compact L-BFGS direction, patch convolutions) gives the attack the CPU gives."""
+    cfg = dataclasses.replace(attacks.PAPER, steps=6, lbfgs=lbfgs.TorchLBFGSConfig(max_iter=4, history_size=3))
+    gpu_like = dataclasses.replace(cfg, lbfgs=dataclasses.replace(cfg.lbfgs, direction="compact"))
+    with jax.enable_x64(True):  # float32 rounding differences grow along an L-BFGS run; float64 keeps them tiny
+        f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+        p, g, key = f64(tiny["take"](tiny["params"], 0)), f64(tiny["take"](tiny["grads"], 0)), jax.random.PRNGKey(4)
+        cpu = attacks.idlg(key, models.LeNet(K, conv="xla").apply, p, g, SHAPE, config=cfg)
+        gpu = attacks.idlg(key, models.LeNet(K, conv="patches").apply, p, g, SHAPE, config=gpu_like)
+        assert cpu.x.dtype == jnp.float64 and int(cpu.evals) > 3 * 3  # the 3-slot history wrapped
+        np.testing.assert_allclose(gpu.x, cpu.x, rtol=1e-6, atol=1e-8)
 
 
 @pytest.mark.parametrize("distance,soft", [("l2", False), ("l2", True), ("cosine", True)])

@@ -55,6 +55,26 @@ def test_lenet_forward_equals_independent_nchw_computation():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order():
+    """conv="patches" computes the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
+    with jax.enable_x64(True):
+        x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float64)
+        xla, patches = jl.LeNet(10, conv="xla"), jl.LeNet(10, conv="patches")
+        v = xla.init(jax.random.PRNGKey(0), x)
+        assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(patches.init(jax.random.PRNGKey(0), x))
+        v = models.init_uniform(v, jax.random.PRNGKey(2))
+        np.testing.assert_allclose(patches.apply(v, x), xla.apply(v, x), rtol=1e-12, atol=1e-12)
+
+        def grad_norm(model, xx):  # depends on x through d loss / d params: exercises second order
+            g = jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, xx))[:, 3]))(v["params"])
+            return sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(g))
+
+        np.testing.assert_allclose(jax.grad(lambda xx: grad_norm(patches, xx))(x),
+                                   jax.grad(lambda xx: grad_norm(xla, xx))(x), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="conv must be"):
+        jl.LeNet(10, conv="fft").init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+
+
 @pytest.mark.parametrize(
     "name,kwargs,shape,d",
     [
