@@ -152,21 +152,44 @@ def _dtype(*xs):
     return jnp.result_type(*[x for x in xs if x is not None])
 
 
-def _input_reason(G: Array, W: Optional[Array] = None, b: Optional[Array] = None, db: Optional[Array] = None,
-                  rank_tol: float = 1e-3) -> Array:
-    """Reason code for unusable inputs: non-finite, all-zero, or rank > 1 (``G`` ``(d, K)``)."""
-    finite = jnp.all(jnp.isfinite(G))
+def _rank_one_fit(G: Array) -> tuple[Array, Array, Array, Array, Array]:
+    """Everything the checks and the search need from ``G`` ``(d, K)``, in few passes over it.
+
+    Returns ``(finite, scale, r, c, resid)``: whether ``G`` is finite,
+    ``max |G|``, the column ``r`` of largest norm, ``c = G^T g_r / |g_r|^2``
+    (so ``G ~ g_r c^T``) and the relative residual of that rank-1 fit. The
+    Gram matrix ``G^T G`` (one matrix product, full precision) gives ``r`` and
+    ``c``; the residual is summed explicitly (computing it from the Gram matrix
+    loses it to cancellation in float32). A NaN or Inf in ``G`` makes ``scale``
+    non-finite, which is all the caller needs then.
+    """
+    scale = jnp.max(jnp.abs(G))  # NaN propagates through max
+    finite = jnp.isfinite(scale)
+    Gn = G * (1 / jnp.where(finite & (scale > 0), scale, 1))  # |Gn| <= 1: no overflow in the squares
+    M = jnp.matmul(Gn.T, Gn, precision=jax.lax.Precision.HIGHEST)
+    r = jnp.argmax(jnp.diagonal(M))
+    tiny = jnp.finfo(Gn.dtype).tiny
+    c = M[:, r] / jnp.maximum(M[r, r], tiny)
+    resid = jnp.sqrt(jnp.sum((Gn - Gn[:, r, None] * c[None, :]) ** 2)) / jnp.maximum(jnp.sqrt(jnp.trace(M)), tiny)
+    return finite, scale, r, c, resid
+
+
+def _checks(G: Array, W: Optional[Array] = None, b: Optional[Array] = None, db: Optional[Array] = None,
+            rank_tol: float = 1e-3) -> tuple[Array, Array, Array]:
+    """``(reason, r, c)``: the reason code for unusable inputs (non-finite, all-zero, or rank > 1) and the
+    rank-1 fit of :func:`_rank_one_fit`."""
+    finite, scale, r, c, resid = _rank_one_fit(G)
     for x in (W, b, db):
         if x is not None:
             finite &= jnp.all(jnp.isfinite(x))
-    Gs = jnp.where(jnp.isfinite(G), G, 0)
-    scale = jnp.max(jnp.abs(Gs))
-    Gn = Gs / jnp.where(scale > 0, scale, 1)
-    r = jnp.argmax(jnp.sum(Gn * Gn, axis=0))
-    g = Gn[:, r]
-    c = (Gn.T @ g) / jnp.maximum(g @ g, jnp.finfo(Gn.dtype).tiny)
-    resid = jnp.linalg.norm(Gn - jnp.outer(g, c)) / jnp.maximum(jnp.linalg.norm(Gn), jnp.finfo(Gn.dtype).tiny)
-    return jnp.where(~finite, NON_FINITE, jnp.where(scale == 0, ZERO_GRADIENT, jnp.where(resid > rank_tol, RANK_GT_1, OK)))
+    reason = jnp.where(~finite, NON_FINITE, jnp.where(scale == 0, ZERO_GRADIENT, jnp.where(resid > rank_tol, RANK_GT_1, OK)))
+    return reason, r, c
+
+
+def _input_reason(G: Array, W: Optional[Array] = None, b: Optional[Array] = None, db: Optional[Array] = None,
+                  rank_tol: float = 1e-3) -> Array:
+    """Reason code for unusable inputs: non-finite, all-zero, or rank > 1 (``G`` ``(d, K)``)."""
+    return _checks(G, W, b, db, rank_tol)[0]
 
 
 def _raise_for_reasons(reason, what: str) -> None:
@@ -287,9 +310,10 @@ def pseudo_label(weight_grad: Array, weight: Array, lam: Array, *, bias: Optiona
 
 def _precompute(G: Array, W: Array, b: Optional[Array], r: Array):
     """O(K d) once: ``a = g_r @ W`` and ``c = G^T g_r / |g_r|^2`` so that ``y_hat(u) = softmax(a/u + b) - u c``."""
+    hi = jax.lax.Precision.HIGHEST  # TF32 on GPUs would perturb the label at the 1e-3 level
     g = G[:, r]
-    a = g @ W
-    c = (G.T @ g) / (g @ g)
+    a = jnp.matmul(g, W, precision=hi)
+    c = jnp.matmul(G.T, g, precision=hi) / (g @ g)
     b = jnp.zeros_like(a) if b is None else b.astype(a.dtype)
     return g, a, c, b
 
@@ -415,10 +439,11 @@ def _golden(f, lo, hi, iters):
 
 
 def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
-    reason = _input_reason(G, W, b)
+    reason, r, c = _checks(G, W, b)  # r, c: as _precompute's, without more passes over G
     dtype = G.dtype
-    r = jnp.argmax(jnp.sum(G * G, axis=0))
-    g, a, c, b = _precompute(G, W, b, r)
+    g = G[:, r]
+    a = jnp.matmul(g, W, precision=jax.lax.Precision.HIGHEST)
+    b = jnp.zeros_like(a) if b is None else b.astype(a.dtype)
     # As u -> 0 the candidate tends to a one-hot label and the loss to 0 like u^2 (the spurious minimum
     # at |lam| -> infinity); dividing by u^2 leaves a positive limit there and the true root at 0.
     loss_u = lambda u: _objective(_label_at(u, a, c, b), kind) / (u * u)
