@@ -143,6 +143,11 @@ class AttackConfig:
         (10-bit mantissa), and gradient matching then stalls far from the
         optimum (measured on an H100: iDLG on MNIST 37 % of victims below MSE
         1e-3 with the default, vs 87 % on CPU). ``None`` leaves the backend's default.
+      feature_weight: weight ``f_s`` of a feature-matching term on the last-layer
+        input ``h(x')`` against a recovered feature ``h_hat`` (paper 2's ``f``/``gf``
+        variants, ALGORITHMS.md §4.9(b)): ``f_s ||h(x') - h_hat||^2`` with
+        ``distance="l2"``, ``f_s (1 - cos(h(x'), h_hat))`` with ``"cosine"``. Needs
+        the ``feature`` argument of :func:`given_label`; 0 (default) adds nothing.
     """
 
     distance: str = "l2"
@@ -162,6 +167,7 @@ class AttackConfig:
     restarts: int = 1
     snapshot_every: int = 10
     precision: Optional[str] = "highest"
+    feature_weight: float = 0.0
 
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
@@ -175,6 +181,8 @@ class AttackConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.box is not None and not self.box[0] < self.box[1]:
             raise ValueError(f"box must be (lo, hi) with lo < hi, got {self.box}")
+        if not self.feature_weight >= 0:
+            raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
 
 
 #: DLG/iDLG as published: L2, PyTorch L-BFGS(lr 1), 300 steps, stop at 1e-6 (checked every 10).
@@ -392,15 +400,29 @@ def _gradient_distance_bwd(apply_fn, distance, soft, res, ct):
 gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
 
 
-def _matching_objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array]):
+def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:
+    """Feature-matching term of paper 2 (ALGORITHMS.md §4.9(b)): ``||h - target||^2`` or ``1 - cos(h, target)``."""
+    if distance == "l2":
+        return jnp.sum((h - target) ** 2)
+    return 1.0 - jnp.vdot(h, target) / (jnp.linalg.norm(h) * jnp.linalg.norm(target) + 1e-12)
+
+
+def _matching_objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array],
+                        feature: Optional[Array] = None):
     dist = DISTANCES[config.distance]
     weights = tensor_weights(target_grads, config.exclude_tensors) if config.exclude_tensors else None
     soft = label is None
     y = jnp.zeros(()) if soft else label
+    use_feature = feature is not None and config.feature_weight > 0
 
     def objective(z):
         d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y)
-        return d + config.tv * total_variation(z["x"]) if config.tv else d
+        if config.tv:
+            d = d + config.tv * total_variation(z["x"])
+        if use_feature:
+            h = apply_fn(variables, z["x"][None], return_feature=True)[1][0]
+            d = d + config.feature_weight * feature_distance(h, feature, config.distance)
+        return d
 
     return objective
 
@@ -422,16 +444,30 @@ def given_label(
     x_shape: Sequence[int],
     label: Array,
     config: AttackConfig = PAPER,
+    feature: Optional[Array] = None,
 ) -> AttackResult:
     """Gradient matching over the image only, with a fixed label distribution ``label`` ``(K,)``.
 
     iDLG's loop (Zhao et al. 2020, ALGORITHMS.md §3.1) with any label: one-hot
     (iDLG), or a soft label recovered by Wang, Liang, He (ICLR 2024, §4.9(b)).
     ``x'`` starts at N(0, 1) with shape ``x_shape`` ``(H, W, C)``.
+
+    ``feature`` ``(d,)``: a recovered last-layer input ``h_hat`` (e.g.
+    ``jaxleak.recovery.soft_label(...).feature``); with ``config.feature_weight
+    > 0`` the objective adds :func:`feature_distance` of ``h(x')`` (from
+    ``apply_fn(variables, x, return_feature=True)``) to it, paper 2's feature
+    matching (§4.9(b); drop the head's kernel with ``exclude_tensors`` for its
+    ``f`` variant). Ignored when ``feature_weight`` is 0.
     """
     check_inputs(variables, target_grads, x_shape, label)
+    if config.feature_weight > 0:
+        if feature is None:
+            raise ValueError("config.feature_weight > 0 needs the recovered feature: pass feature=")
+        d = _models.last_layer(_params(variables))[0].shape[-2]
+        if jnp.shape(feature) != (d,):
+            raise ValueError(f"feature must be the last-layer input of shape ({d},), got shape {jnp.shape(feature)}")
     dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
-    objective = _matching_objective(apply_fn, variables, target_grads, config, label)
+    objective = _matching_objective(apply_fn, variables, target_grads, config, label, feature)
 
     def run_one(k):
         z0 = {"x": jax.random.normal(k, tuple(x_shape), dtype)}

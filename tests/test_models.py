@@ -58,7 +58,7 @@ def test_lenet_forward_equals_independent_nchw_computation():
 def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order():
     """conv="patches" computes the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
     with jax.enable_x64(True):
-        x = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3), jnp.float64)
+        x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), jnp.float64)  # d = 48: small, same code path
         xla, patches = jl.LeNet(10, conv="xla"), jl.LeNet(10, conv="patches")
         v = xla.init(jax.random.PRNGKey(0), x)
         assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(patches.init(jax.random.PRNGKey(0), x))
