@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxleak import attacks, metrics, models, victims
+from jaxleak.cli import ScriptOutput, add_output_flags
 
 SUCCESS_MSE = 1e-3
 
@@ -135,6 +136,12 @@ def _summary(name, n, seconds, mse, evals, **extra) -> dict:
             "ms_per_eval": 1000 * seconds / float(np.sum(evals)), "mse": mse.tolist(), **extra}
 
 
+def default_data_dir() -> pathlib.Path:
+    """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
+    env = os.environ.get("JAXLEAK_DATA")
+    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64])
@@ -143,35 +150,45 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
-    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
-    p.add_argument("--out", type=pathlib.Path, default=None)
+    p.add_argument("--data", type=pathlib.Path, default=None,
+                   help="folder of cifar100_subset.npz (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")
+    p.add_argument("--out", type=pathlib.Path, default=None, help="write all rows (with per-victim MSE) to this JSON file")
+    add_output_flags(p)
     args = p.parse_args(argv)
+    o = ScriptOutput(args)
+    data_dir = args.data or default_data_dir()
+    if not (data_dir / "cifar100_subset.npz").is_file():
+        p.error(f"cifar100_subset.npz not found in {data_dir}: pass --data or set JAXLEAK_DATA")
 
     import dataclasses
 
     config = dataclasses.replace(attacks.PAPER, steps=args.steps)
     backend = jax.default_backend()
-    rows = []
-    for v in args.victims:
-        model, params, grads, x, y_int = make_victims(args.data, v, args.seed)
+    rows, ratios = [], []
+    for v in o.progress(args.victims, desc="bench attack", unit="V"):
+        model, params, grads, x, y_int = make_victims(data_dir, v, args.seed)
         flops = flops_per_evaluation(model, params, grads, x, y_int, config)
         for strategy in args.strategies:
             s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
             rows.append({"V": v, "backend": backend, **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
-            print(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}), flush=True)
+            o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
         if args.torch_victims:
             rows.append({"V": v, "backend": "cpu", **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed)})
-            print(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}), flush=True)
+            o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
             jx = [r for r in rows if r["V"] == v and r["impl"] == "jaxleak"][0]
             tr = rows[-1]
             ratio = jx["successful_per_s"] / tr["successful_per_s"] if tr["successful_per_s"] else float("inf")
-            print(f"V={v}: jaxleak {jx['victims_per_s']:.3f} victims/s ({jx['successful_per_s']:.3f} successful/s, "
-                  f"compile {jx['compile_s']:.1f}s) vs torch {tr['victims_per_s']:.4f} victims/s "
-                  f"({tr['successful_per_s']:.4f} successful/s on {tr['victims']}); "
-                  f"per-evaluation speed-up {tr['ms_per_eval'] / jx['ms_per_eval']:.1f}x, successful/s ratio {ratio:.1f}x", flush=True)
+            ratios.append({"V": v, "per_evaluation_speedup": tr["ms_per_eval"] / jx["ms_per_eval"], "successful_per_s_ratio": ratio})
+            o.report(f"V={v}: jaxleak {jx['victims_per_s']:.3f} victims/s ({jx['successful_per_s']:.3f} successful/s, "
+                     f"compile {jx['compile_s']:.1f}s) vs torch {tr['victims_per_s']:.4f} victims/s "
+                     f"({tr['successful_per_s']:.4f} successful/s on {tr['victims']}); "
+                     f"per-evaluation speed-up {tr['ms_per_eval'] / jx['ms_per_eval']:.1f}x, successful/s ratio {ratio:.1f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))
+        o.report(f"results: {args.out}")
+    o.summary({"bench": "attack", "out": None if args.out is None else str(args.out), "steps": args.steps,
+               "rows": [{k: val for k, val in r.items() if k != "mse"} for r in rows], "ratios": ratios})
     return 0
 
 

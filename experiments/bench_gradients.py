@@ -15,12 +15,14 @@ import argparse
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
 import jaxleak as jl
+from jaxleak.cli import ScriptOutput, add_output_flags
 
 
 def _block(tree):
@@ -39,7 +41,7 @@ def _time(fn, repeats):
     return first, statistics.median(runs)
 
 
-def run(victims, model_name, shape, classes, repeats, loop_max):
+def run(victims, model_name, shape, classes, repeats, loop_max, log=print):
     model = jl.models.get_model(model_name, classes)
     rows = []
     for v in victims:
@@ -59,8 +61,28 @@ def run(victims, model_name, shape, classes, repeats, loop_max):
                          first_call_s=first, compile_s=max(0.0, first - steady), steady_s=steady,
                          victims_per_s=v / steady, ms_per_victim=1e3 * steady / v)
                 )
-                print(json.dumps(rows[-1]), flush=True)
+                log(json.dumps(rows[-1]))
     return rows
+
+
+def _plot(path, rows, meta):
+    """Steady-state victims/s against the number of victims, one line per (params, strategy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for params in ("shared", "per-victim"):
+        for strategy, style in (("vmap", "o-"), ("loop", "s--")):
+            pts = [(r["victims"], r["victims_per_s"]) for r in rows if r["params"] == params and r["strategy"] == strategy]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{params} model, {strategy}")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("victims V"), ax.set_ylabel("victims / s (steady state)")
+    ax.set_title(f"per-example gradients, {meta['model']} {meta['backend']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout(), fig.savefig(path, dpi=100), plt.close(fig)
 
 
 def main(argv=None):
@@ -72,8 +94,11 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--loop-max", type=int, default=1024, help="skip the loop strategy above this many victims")
     ap.add_argument("--out", default="results/bench_gradients")
+    add_output_flags(ap)
     args = ap.parse_args(argv)
-    rows = run(args.victims, args.model, tuple(args.shape), args.classes, args.repeats, args.loop_max)
+    o = ScriptOutput(args)
+    rows = run(o.progress(args.victims, desc="bench gradients", unit="V"), args.model, tuple(args.shape), args.classes,
+               args.repeats, args.loop_max, log=o.log)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), jax=jax.__version__,
@@ -86,8 +111,12 @@ def main(argv=None):
             f"{r['victims_per_s']:.0f} | {r['ms_per_victim']:.3f} |"
         )
     (out / "results.md").write_text(f"{meta}\n\n" + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _plot(out / "results.png", rows, meta)
+    o.report("\n".join(lines))
+    o.report(f"results: {out / 'results.json'}, {out / 'results.md'}; figure: {out / 'results.png'}")
+    o.summary({"bench": "gradients", "out": str(out), "meta": meta, "rows": rows})
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

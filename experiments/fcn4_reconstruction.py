@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxleak import data, inversion, labels, metrics, models, recovery, report
+from jaxleak.cli import ScriptOutput, add_output_flags
 from jaxleak import victims as _victims
 
 SIZE = (64, 64)
@@ -234,9 +235,22 @@ def main(argv=None) -> int:
     p.add_argument("--dlg-victims", type=int, default=None)
     p.add_argument("--dlg-steps", type=int, default=None)
     p.add_argument("--search", choices=["robust", "paper"], default="robust")
+    p.add_argument("--npz-dir", default=None, help="folder of flowers17_64.npz (default $JAXLEAK_DATA, else ../shared/data)")
+    add_output_flags(p)
     a = p.parse_args(argv)
-    run(a.victims, a.out, a.quick, kinds=a.kinds, dlg=not a.no_dlg, dlg_victims=a.dlg_victims, dlg_steps=a.dlg_steps,
-        search=a.search)
+    o = ScriptOutput(a)
+    res = run(a.victims, a.out, a.quick, kinds=a.kinds, dlg=not a.no_dlg, dlg_victims=a.dlg_victims,
+              dlg_steps=a.dlg_steps, search=a.search, npz_dir=a.npz_dir, log=o.log)
+    summary = res["summary"]
+    o.summary({"experiment": "fcn4", "out": str(a.out), "config": res["config"], "summary": summary})
+    for kind in a.kinds:
+        s = summary[kind]
+        dlg = f"; DLG median {s['dlg_psnr_median']:.1f} dB on {s['dlg_victims']}" if s["dlg_victims"] else ""
+        o.report(f"fcn4 {kind}: {s['victims']} victims, labels recovered {100 * s['label_recovered']:.0f}%, analytic PSNR "
+                 f"median {s['analytic_psnr_median']:.1f} dB (uint8 metric {s['analytic_psnr_uint8_median']:.1f}), "
+                 f"> 40 dB {100 * s['analytic_psnr_gt40']:.0f}%{dlg}")
+    o.report(f"results: {a.out / 'results.json'}; figures: "
+             + ", ".join(str(a.out / f"fcn4_grid_{k}.png") for k in a.kinds))
     return 0
 
 

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxleak import attacks, metrics, models, victims
+from jaxleak.cli import ScriptOutput, add_output_flags
 
 DATA = {
     "mnist": ("mnist_test.npz", 10),
@@ -140,24 +141,39 @@ def plot(out: pathlib.Path, summary: dict, examples: dict) -> None:
         fig.tight_layout(), fig.savefig(out / "figure2.png", dpi=120), plt.close(fig)
 
 
+def default_data_dir() -> pathlib.Path:
+    """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
+    env = os.environ.get("JAXLEAK_DATA")
+    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=sorted(DATA), required=True)
     p.add_argument("--victims", type=int, default=1000)
     p.add_argument("--out", type=pathlib.Path, required=True)
-    p.add_argument("--data", type=pathlib.Path, default=pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    p.add_argument("--data", type=pathlib.Path, default=None,
+                   help="folder of the .npz subsets (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper")
+    p.add_argument("--steps", type=int, default=None, help="outer L-BFGS steps (default: the config's, 300 as in the paper)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 on CPU, 256 on GPU)")
     p.add_argument("--strategy", choices=("auto", "loop", "vmap"), default="auto")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting chunks after this many seconds")
+    add_output_flags(p)
     args = p.parse_args(argv)
+    o = ScriptOutput(args)
+    data_dir = args.data or default_data_dir()
+    if not (data_dir / DATA[args.dataset][0]).is_file():
+        p.error(f"{DATA[args.dataset][0]} not found in {data_dir}: pass --data or set JAXLEAK_DATA")
 
     backend = jax.default_backend()
     strategy = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if args.strategy == "auto" else args.strategy
     chunk = args.chunk or (4 if backend == "cpu" else 256)
     config = CONFIGS[args.config]
+    if args.steps is not None:
+        config = dataclasses.replace(config, steps=args.steps)
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "victims.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -167,11 +183,12 @@ def main(argv=None) -> int:
     ex_path = args.out / "examples.npz"
     examples = dict(np.load(ex_path)) if ex_path.exists() else {"x": np.zeros((0,)), "dlg": np.zeros((0,)), "idlg": np.zeros((0,))}
 
-    images, labels, classes = load_images(args.data, args.dataset)
+    images, labels, classes = load_images(data_dir, args.dataset)
     model = models.LeNet(classes)
     template = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, *images.shape[1:]), jnp.float32))
     todo = [i for i in range(args.victims) if i not in done]
     start = time.time()
+    bar = o.progress(total=len(todo), desc=f"idlg {args.dataset}", unit="victim")
     for c in range(0, len(todo), chunk):
         if time.time() - start > args.time_budget:
             break
@@ -198,7 +215,9 @@ def main(argv=None) -> int:
             np.savez(ex_path, **examples)
         meta["seconds"] += time.time() - t
         meta_path.write_text(json.dumps(meta))
-        print(f"{args.dataset}: {len(rows)}/{args.victims} victims, chunk {time.time() - t:.1f}s", file=sys.stderr, flush=True)
+        bar.update(len(idx))
+        bar.set_postfix_str(f"chunk {time.time() - t:.1f}s")
+    bar.close()
 
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])
@@ -208,11 +227,16 @@ def main(argv=None) -> int:
     plot(args.out, summary, examples)
     for method in ("dlg", "idlg"):
         m = summary["methods"][method]
-        print(f"{args.dataset} {method}: n={summary['victims']} label acc {100 * m['label_accuracy']:.1f}% (paper "
-              f"{100 * m['paper']['label_accuracy']:.1f}%), fidelity "
-              + " ".join(f"{t}:{100 * v:.1f}" for t, v in m["fidelity"].items())
-              + f" | paper " + " ".join(f"{100 * v:.1f}" for v in m["paper"]["fidelity"].values())
-              + f" | evals {m['mean_evals']:.0f}, {m['seconds_per_victim']:.1f}s/victim")
+        o.report(f"{args.dataset} {method}: n={summary['victims']} label acc {100 * m['label_accuracy']:.1f}% (paper "
+                 f"{100 * m['paper']['label_accuracy']:.1f}%), fidelity "
+                 + " ".join(f"{t}:{100 * v:.1f}" for t, v in m["fidelity"].items())
+                 + f" | paper " + " ".join(f"{100 * v:.1f}" for v in m["paper"]["fidelity"].values())
+                 + f" | evals {m['mean_evals']:.0f}, {m['seconds_per_victim']:.1f}s/victim")
+    o.report(f"results: {args.out / 'results.json'}; figures: "
+             + ", ".join(str(args.out / f) for f in ("fidelity.png", "examples.png", "figure2.png") if (args.out / f).exists()))
+    brief = {k: v for k, v in summary.items() if k != "methods"}
+    brief["methods"] = {m: {k: v for k, v in d.items() if k != "mse"} for m, d in summary["methods"].items()}
+    o.summary({"experiment": "idlg", "out": str(args.out), "summary": brief})
     return 0
 
 

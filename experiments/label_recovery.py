@@ -287,7 +287,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="20 victims per setting (smoke test)")
     ap.add_argument("--modes", default="robust,paper")
     ap.add_argument("--force", action="store_true", help="recompute settings already in results.json")
+    from jaxleak.cli import ScriptOutput, add_output_flags
+
+    add_output_flags(ap)
     args = ap.parse_args(argv)
+    o = ScriptOutput(args)
     names = list(SETTINGS) if args.settings == "all" else args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
@@ -297,22 +301,26 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    for name in names:
+    for name in o.progress(names, desc="label recovery", unit="setting"):
         if name in results and not args.force:
-            print(f"skip {name} (already in {path})")
+            o.log(f"skip {name} (already in {path})")
             continue
-        print(f"== {name}", flush=True)
+        o.log(f"== {name}")
         rec = run_setting(name, SETTINGS[name], args.quick, modes)
         rec["quick"] = args.quick
         results[name] = rec
         path.write_text(json.dumps(results, indent=1))
         (out / "results.md").write_text(markdown(results))
+        o.report(f"{name}: {rec['victims']} victims")
         for mode, sc in rec["modes"].items():
-            print(f"  {mode:16s} paper {sc['acc_paper_criterion']:.3f} maxabs {sc['acc_maxabs_1e-3']:.3f} "
-                  f"argmax {sc['argmax_agreement']:.3f} ok {sc['ok_rate']:.3f} {sc['victims_per_second']:.0f} victims/s", flush=True)
-        print(f"  iDLG rowsum {rec['idlg_rowsum']} inner {rec['idlg_inner']}; grads {rec['gradient_seconds']}s, total {rec['total_seconds']}s")
+            o.report(f"  {mode:16s} paper {sc['acc_paper_criterion']:.3f} maxabs {sc['acc_maxabs_1e-3']:.3f} "
+                     f"argmax {sc['argmax_agreement']:.3f} ok {sc['ok_rate']:.3f} {sc['victims_per_second']:.0f} victims/s")
+        o.report(f"  iDLG rowsum {rec['idlg_rowsum']} inner {rec['idlg_inner']}; grads {rec['gradient_seconds']}s, total {rec['total_seconds']}s")
         if name in _LANDSCAPE:
             landscape_png(out / f"landscape_{name}.png", name)
+    o.report(f"results: {path}, {out / 'results.md'}" + "".join(f", {f}" for f in sorted(out.glob("landscape_*.png"))))
+    o.summary({"experiment": "softlabel", "out": str(out), "quick": args.quick,
+               "settings": {n: results[n] for n in names if n in results}})
     return 0
 
 

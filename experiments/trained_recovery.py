@@ -263,8 +263,15 @@ def main(argv=None) -> int:
     p.add_argument("--per-pair", type=int, default=20)
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--searches", nargs="+", default=["robust", "paper"], choices=["robust", "paper"])
+    p.add_argument("--npz-dir", default=None, help="folder of cifar10_subset.npz (default $JAXLEAK_DATA, else ../shared/data)")
+    from jaxleak.cli import ScriptOutput, add_output_flags
+
+    add_output_flags(p)
     a = p.parse_args(argv)
-    run(a.out, a.quick, per_pair=a.per_pair, per_class=a.per_class, searches=a.searches)
+    o = ScriptOutput(a)
+    res = run(a.out, a.quick, per_pair=a.per_pair, per_class=a.per_class, searches=a.searches, npz_dir=a.npz_dir,
+              log=o.log if a.json else o.report)
+    o.summary({"experiment": "trained_recovery", "out": str(a.out), **res})
     return 0
 
 

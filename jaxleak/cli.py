@@ -51,7 +51,7 @@ def _add_attack(sub) -> None:
                    help="skimage (built in), a tfds name (mnist, cifar10, cifar100, lfw, imagenet2012, "
                         "oxford_flowers102), flowers17, or a path to an .npz subset")
     p.add_argument("--data-dir", default=None, help="a prepared tfds data_dir (see `jaxleak data`)")
-    p.add_argument("--npz-dir", default=None, help="folder of the .npz subsets (default $JAXLEAK_DATA or ../shared/data)")
+    p.add_argument("--npz-dir", default=None, help="folder of the .npz subsets (default $JAXLEAK_DATA; from a source checkout also ../shared/data)")
     p.add_argument("--split", default=None, help="dataset split (default: the dataset's test split)")
     p.add_argument("--model", default=d.model, choices=["lenet", "fcn4", "alexnet", "resnet18", "resnet50"])
     p.add_argument("--init", default=d.init, choices=["uniform", "torch", "torch_resnet", "flax"],
@@ -92,7 +92,7 @@ def _cmd_attack(args) -> int:
     summary = audit.run_audit(cfg, args.out, resume=args.resume, progress=not args.quiet, log=log)
     out = pathlib.Path(args.out)
     if args.json:
-        print(json.dumps({"out": str(out), "summary": summary}, default=str))
+        print(to_json({"out": str(out), "summary": summary}))
     else:
         _print_summary(summary, out)
     return 0
@@ -208,7 +208,7 @@ def _cmd_recover(args) -> int:
         ensure_writable(pathlib.Path(args.out).parent or ".")
         np.savez(args.out, **result)
     if args.json:
-        print(json.dumps({"file": args.file, "kind": args.kind, "victims": rows}))
+        print(to_json({"file": args.file, "kind": args.kind, "victims": rows}))
     else:
         for r in rows:
             print(" ".join(f"{k}={v}" for k, v in r.items() if k != "label" or len(v) <= 12))
@@ -250,11 +250,19 @@ def _cmd_data(args) -> int:
             if name not in data.NPZ_FILES or name not in data.TFDS_NAMES:
                 raise UserError(f"cannot prepare {name!r}: expected one of "
                                 f"{[n for n in data.TFDS_NAMES if n in data.NPZ_FILES]}")
-            data.prepare_tfds(folder / data.NPZ_FILES[name], name, args.data_dir)
+            # tfds reports progress on stdout and stderr: keep stdout for our own output (--json)
+            import contextlib
+
+            with contextlib.ExitStack() as stack:
+                sink = stack.enter_context(open(os.devnull, "w")) if args.quiet else sys.stderr
+                stack.enter_context(contextlib.redirect_stdout(sink))
+                if args.quiet:
+                    stack.enter_context(contextlib.redirect_stderr(sink))
+                data.prepare_tfds(folder / data.NPZ_FILES[name], name, args.data_dir)
             prepared.append(name)
     avail = data.available(args.data_dir, args.npz_dir)
     if args.json:
-        print(json.dumps({"prepared": prepared, "available": avail}))
+        print(to_json({"prepared": prepared, "available": avail}))
     else:
         for name in prepared:
             print(f"prepared {name} in {args.data_dir}")
@@ -271,9 +279,58 @@ def _cmd_data(args) -> int:
 def _experiments_dir() -> pathlib.Path:
     path = pathlib.Path(os.environ.get("JAXLEAK_EXPERIMENTS", pathlib.Path(__file__).resolve().parents[1] / "experiments"))
     if not path.is_dir():
-        raise UserError(f"experiments folder not found at {str(path)!r}: reproductions run from a source checkout "
-                        "(pip install -e .), or set JAXLEAK_EXPERIMENTS")
+        raise UserError(f"no experiments/ folder at {str(path)!r}: `jaxleak reproduce` and `jaxleak bench` run the "
+                        "scripts of a source checkout; clone the repository and `pip install -e .` there "
+                        "(or set JAXLEAK_EXPERIMENTS to its experiments/ folder)")
     return path
+
+
+# Shared by the experiment scripts: --quiet / --json and where their output goes.
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` and ``--json`` for an experiment script (the same meaning as for every ``jaxleak`` command)."""
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON summary on stdout at the end and nothing else there (logs go to stderr)")
+
+
+def to_json(obj) -> str:
+    """``obj`` as one line of strict JSON: numpy values to Python, non-finite numbers to ``null``."""
+    from jaxleak import report
+
+    return json.dumps(report._jsonable(obj, strict=True), allow_nan=False)
+
+
+class ScriptOutput:
+    """Where an experiment script writes: log lines and progress bars on stderr (none with ``--quiet``), its
+    human-readable report on stdout, or with ``--json`` one JSON summary on stdout and nothing else there."""
+
+    def __init__(self, args) -> None:
+        self.quiet = bool(getattr(args, "quiet", False))
+        self.json = bool(getattr(args, "json", False))
+
+    def log(self, *parts) -> None:
+        if not self.quiet:
+            from tqdm import tqdm
+
+            tqdm.write(" ".join(map(str, parts)), file=sys.stderr)  # above a running progress bar, if any
+
+    def report(self, *parts) -> None:
+        """A result line: stdout normally; with --json a log line (stderr, unless --quiet)."""
+        if self.json:
+            self.log(*parts)
+        else:
+            print(*parts, flush=True)
+
+    def progress(self, iterable=None, **kwargs):
+        from tqdm import tqdm
+
+        return tqdm(iterable, disable=self.quiet, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+    def summary(self, obj) -> None:
+        if self.json:
+            print(to_json(obj), flush=True)
 
 
 def _run_script(script: str, argv: Sequence[str]) -> int:

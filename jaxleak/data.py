@@ -5,8 +5,8 @@ int64 labels and class names. Sources, in order:
 
 1. ``tfds.data_source(name, split, data_dir, download=False)`` when
    ``tfds.builder(name, data_dir=data_dir).is_prepared()`` (never downloads);
-2. the real ``.npz`` subsets (``$JAXLEAK_DATA``, an explicit ``npz_dir``, else
-   ``<repo>/../shared/data``), see :data:`NPZ_FILES`;
+2. the real ``.npz`` subsets (an explicit ``npz_dir``, else ``$JAXLEAK_DATA``, else -- only when
+   running from a source checkout -- ``<repo>/../shared/data``), see :data:`NPZ_FILES`;
 3. ``"skimage"``: photographs shipped inside scikit-image, always available offline.
 
 :func:`jaxleak.data.prepare_tfds` writes an npz subset into a tfds ``data_dir`` under the real tfds
@@ -111,13 +111,25 @@ class Dataset:
 # --------------------------------------------------------------------------- locating data
 
 
+def source_checkout() -> Optional[pathlib.Path]:
+    """The checkout jaxleak runs from (editable install: ``pyproject.toml`` beside the package), else None."""
+    return _REPO if (_REPO / "pyproject.toml").is_file() else None
+
+
 def npz_folder(npz_dir: str | os.PathLike | None = None) -> Optional[pathlib.Path]:
-    """The folder searched for subsets: ``npz_dir``, else ``$JAXLEAK_DATA``, else ``<repo>/../shared/data``."""
+    """The folder searched for subsets: ``npz_dir``, else ``$JAXLEAK_DATA``, else ``<checkout>/../shared/data``.
+
+    The last default applies only when jaxleak runs from a source checkout (``pip install -e .``); a regular
+    (wheel) install reads subsets only from ``npz_dir`` or ``$JAXLEAK_DATA``.
+    """
     if npz_dir is not None:
         return pathlib.Path(npz_dir)
     if os.environ.get("JAXLEAK_DATA"):
         return pathlib.Path(os.environ["JAXLEAK_DATA"])
-    default = _REPO.parent / "shared" / "data"
+    checkout = source_checkout()
+    if checkout is None:
+        return None
+    default = checkout.parent / "shared" / "data"
     return default if default.is_dir() else None
 
 
@@ -182,7 +194,12 @@ def _not_available(name: str, data_dir, npz_dir) -> FileNotFoundError:
     if name in TFDS_NAMES:
         lines.append(f"  tfds: not prepared in data_dir={data_dir or '$TFDS_DATA_DIR or ~/tensorflow_datasets'}")
     if name in NPZ_FILES:
-        searched = "JAXLEAK_DATA is unset and <repo>/../shared/data is absent" if folder is None else f"searched {folder}"
+        if folder is not None:
+            searched = f"searched {folder}"
+        elif source_checkout() is not None:
+            searched = "JAXLEAK_DATA is unset and <repo>/../shared/data is absent"
+        else:
+            searched = "JAXLEAK_DATA is unset and npz_dir not given"
         lines.append(f"  npz: no {NPZ_FILES[name]} ({searched})")
     lines.append("Make it available in one of these ways:")
     if name in TFDS_NAMES:
@@ -373,7 +390,8 @@ def load(
         ``.npz`` file (``images`` uint8 NHWC, ``labels`` int, ``class_names``).
       split: tfds split (default :data:`DEFAULT_SPLIT`; the npz subsets have one split each).
       data_dir: tfds data folder (default: tfds' own, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``).
-      npz_dir: folder of the npz subsets (default ``$JAXLEAK_DATA``, else ``<repo>/../shared/data``).
+      npz_dir: folder of the npz subsets (default ``$JAXLEAK_DATA``, else, from a source checkout only,
+        ``<repo>/../shared/data``).
       limit: keep the first ``limit`` examples; only those are read (tfds records, npz rows).
       size: ``(h, w)`` or an int: PIL bicubic resize, no crop (paper 2). ``"skimage"`` defaults to 32
         and centre-crops to a square first.

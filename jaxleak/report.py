@@ -29,15 +29,20 @@ RECORDS = "records.jsonl"
 CONFIG = "config.json"
 
 
-def _jsonable(x: Any) -> Any:
+def _jsonable(x: Any, strict: bool = False) -> Any:
+    """Plain JSON values: numpy/jax arrays and scalars to Python, anything else unknown to ``str``.
+
+    NaN becomes ``null``; +-Inf becomes +-1e308 (so result files keep the order), or ``null`` too when
+    ``strict`` (the ``--json`` summaries).
+    """
     if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): _jsonable(v, strict) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):  # numpy / jax arrays and scalars
-        return _jsonable(np.asarray(x).tolist())
+        return [_jsonable(v, strict) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy / jax arrays and scalars
+        return _jsonable(np.asarray(x).tolist(), strict)
     if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+        return None if strict or math.isnan(x) else (1e308 if x > 0 else -1e308)
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)

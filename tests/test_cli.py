@@ -114,3 +114,136 @@ def test_attack_labels_only_resumes_without_recomputing(tmp_path, capsys):
     assert again[:2] == first[:2]  # kept, not recomputed (same chunk timing)
     for a, b in zip(first, again):
         assert {k: v for k, v in a.items() if k != "chunk_seconds"} == {k: v for k, v in b.items() if k != "chunk_seconds"}
+
+
+# --------------------------------------------------------------------------
+# reproduce / bench: every script takes --quiet and --json (one JSON document on stdout, nothing else)
+# --------------------------------------------------------------------------
+
+
+def _run_json(capsys, *argv):
+    code, out, err = _run(capsys, *argv)
+    assert code == 0, err[-2000:]
+    return json.loads(out), err  # the whole of stdout is one JSON document
+
+
+@pytest.fixture
+def npz_env(shared_data, monkeypatch):
+    monkeypatch.setenv("JAXLEAK_DATA", str(shared_data))
+    return shared_data
+
+
+def test_reproduce_fcn4_json(npz_env, tmp_path, capsys):
+    res, err = _run_json(capsys, "reproduce", "fcn4", "--victims", "2", "--quick", "--no-dlg", "--kinds", "smoothing",
+                         "--json", "--out", str(tmp_path / "fcn4"))
+    s = res["summary"]["smoothing"]
+    assert res["experiment"] == "fcn4" and s["victims"] == 2 and s["label_recovered"] == 1.0
+    assert s["analytic_psnr_min"] > 40 and "analytic:" in err  # log lines go to stderr
+    assert (tmp_path / "fcn4" / "fcn4_grid_smoothing.png").exists()
+
+
+def test_reproduce_softlabel_json(npz_env, tmp_path, capsys):
+    res, _ = _run_json(capsys, "reproduce", "softlabel", "--settings", "lenet_cifar10_smoothing", "--quick",
+                       "--modes", "robust", "--json", "--quiet", "--out", str(tmp_path / "sl"))
+    rec = res["settings"]["lenet_cifar10_smoothing"]
+    assert rec["victims"] == 20 and rec["modes"]["robust_float32"]["acc_maxabs_1e-3"] == 1.0
+
+
+@pytest.mark.slow
+def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
+    res, _ = _run_json(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "1", "--chunk", "1",
+                       "--steps", "2", "--json", "--quiet", "--out", str(tmp_path / "idlg"))
+    assert res["summary"]["victims"] == 1 and res["summary"]["methods"]["idlg"]["label_accuracy"] == 1.0
+    assert (tmp_path / "idlg" / "fidelity.png").exists()
+
+
+def test_bench_attack_json(npz_env, capsys):
+    res, _ = _run_json(capsys, "bench", "attack", "--victims", "1", "--torch-victims", "0", "--steps", "2",
+                       "--json", "--quiet")
+    assert [r["impl"] for r in res["rows"]] == ["jaxleak"] and res["rows"][0]["victims"] == 1
+
+
+def test_bench_gradients_json_and_quiet(tmp_path, capsys):
+    argv = ["bench", "gradients", "--victims", "2", "--repeats", "1", "--loop-max", "1", "--json"]
+    res, err = _run_json(capsys, *argv, "--out", str(tmp_path / "b1"))
+    assert {(r["params"], r["strategy"]) for r in res["rows"]} == {("shared", "vmap"), ("per-victim", "vmap")}
+    assert "bench gradients" in err  # the progress bar, on stderr
+    _, err = _run_json(capsys, *argv, "--quiet", "--out", str(tmp_path / "b2"))
+    assert "bench gradients" not in err and '"victims"' not in err
+    code, out, _ = _run(capsys, *argv[:-1], "--quiet", "--out", str(tmp_path / "b3"))  # no --json: a table
+    assert code == 0 and out.startswith("| victims |") and (tmp_path / "b3" / "results.png").exists()
+
+
+def test_script_data_default_honours_jaxleak_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXLEAK_DATA", str(tmp_path / "nodata"))
+    code, _, err = _run(capsys, "reproduce", "idlg", "--dataset", "mnist", "--out", str(tmp_path / "o"))
+    assert code == 2 and str(tmp_path / "nodata") in err and "JAXLEAK_DATA" in err
+
+
+def test_reproduce_without_experiments_folder_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXLEAK_EXPERIMENTS", str(tmp_path / "site-packages" / "experiments"))
+    for argv in (["reproduce", "fcn4", "--json"], ["bench", "gradients"]):
+        code, out, err = _run(capsys, *argv)
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1, err
+        assert lines[0].startswith("jaxleak: error:") and "source checkout" in lines[0] and "pip install -e ." in lines[0]
+
+
+def test_to_json_is_strict():
+    s = cli.to_json({"a": np.float32(1.5), "b": np.arange(2), "c": float("inf"), "d": (np.bool_(True), None)})
+    assert json.loads(s) == {"a": 1.5, "b": [0, 1], "c": None, "d": [True, None]}
+
+
+# --------------------------------------------------------------------------
+# the default data folder: <checkout>/../shared/data only for a source checkout
+# --------------------------------------------------------------------------
+
+
+def _fake_install(tmp_path, monkeypatch, checkout: bool):
+    from jaxleak import data
+
+    root = tmp_path / ("src" if checkout else "venv")
+    pkg_parent = root / ("jaxleak-repo" if checkout else "site-packages")
+    pkg_parent.mkdir(parents=True)
+    if checkout:
+        (pkg_parent / "pyproject.toml").write_text("[project]\nname = 'jaxleak'\n")
+    shared = root / "shared" / "data"
+    shared.mkdir(parents=True)
+    np.savez(shared / data.NPZ_FILES["mnist"], images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0, 1]),
+             class_names=np.array(["0", "1"]))
+    monkeypatch.setattr(data, "_REPO", pkg_parent)
+    monkeypatch.delenv("JAXLEAK_DATA", raising=False)
+    return data, shared
+
+
+def test_default_npz_folder_in_a_source_checkout(tmp_path, monkeypatch):
+    data, shared = _fake_install(tmp_path, monkeypatch, checkout=True)
+    assert data.source_checkout() is not None and data.npz_folder() == shared
+    assert len(data.load("mnist", source="npz")) == 2
+    monkeypatch.setenv("JAXLEAK_DATA", str(tmp_path / "elsewhere"))  # the environment variable comes first
+    assert data.npz_folder() == tmp_path / "elsewhere"
+    assert data.npz_folder(tmp_path / "explicit") == tmp_path / "explicit"  # and an explicit folder before it
+
+
+def test_default_npz_folder_in_a_wheel_install(tmp_path, monkeypatch, capsys):
+    data, shared = _fake_install(tmp_path, monkeypatch, checkout=False)
+    assert data.source_checkout() is None and data.npz_folder() is None  # ../shared/data exists but is not used
+    with pytest.raises(FileNotFoundError, match="JAXLEAK_DATA is unset"):
+        data.load("mnist", source="npz")
+    code, out, _ = _run(capsys, "data", "--json")
+    assert code == 0 and json.loads(out)["available"]["flowers17"] is None
+    monkeypatch.setenv("JAXLEAK_DATA", str(shared))
+    assert data.npz_folder() == shared and len(data.load("mnist", source="npz")) == 2
+    assert data.npz_folder(tmp_path) == tmp_path
+
+
+def test_data_prepare_json_keeps_stdout_clean(tmp_path, capsys):
+    npz = tmp_path / "npz"
+    npz.mkdir()
+    rng = np.random.default_rng(0)
+    np.savez(npz / "mnist_test.npz", images=rng.integers(0, 255, (4, 28, 28, 1), dtype=np.uint8),
+             labels=np.array([0, 1, 2, 3]), class_names=np.array([str(i) for i in range(10)]))
+    code, out, _ = _run(capsys, "data", "--prepare", "mnist", "--npz-dir", str(npz), "--data-dir",
+                        str(tmp_path / "tfds"), "--json")  # tfds' own progress messages must not reach stdout
+    assert code == 0 and json.loads(out)["prepared"] == ["mnist"]
+    assert json.loads(out)["available"]["mnist"].startswith("tfds:")
