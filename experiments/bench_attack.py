@@ -144,11 +144,12 @@ def default_data_dir() -> pathlib.Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64], help="numbers of victims V to time (default 1 8 64)")
     p.add_argument("--torch-victims", type=int, default=2, help="victims the PyTorch reference attacks per V (0: none)")
-    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap"))
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap"),
+                   help="how victims are mapped: vmap, a loop of a jitted one-victim attack, or the backend's default")
+    p.add_argument("--steps", type=int, default=300, help="outer L-BFGS steps per victim (the paper: 300)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images, networks and starts")
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--data", type=pathlib.Path, default=None,
                    help="folder of cifar100_subset.npz (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")

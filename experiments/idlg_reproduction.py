@@ -149,17 +149,18 @@ def default_data_dir() -> pathlib.Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(DATA), required=True)
-    p.add_argument("--victims", type=int, default=1000)
-    p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--dataset", choices=sorted(DATA), required=True, help="iDLG Table 1 dataset")
+    p.add_argument("--victims", type=int, default=1000, help="victims (the paper: 1000)")
+    p.add_argument("--out", type=pathlib.Path, required=True, help="output folder; an existing one is resumed")
     p.add_argument("--data", type=pathlib.Path, default=None,
                    help="folder of the .npz subsets (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the images, networks and starts")
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
-    p.add_argument("--config", choices=sorted(CONFIGS), default="paper")
+    p.add_argument("--config", choices=sorted(CONFIGS), default="paper",
+                   help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps")
     p.add_argument("--steps", type=int, default=None, help="outer L-BFGS steps (default: the config's, 300 as in the paper)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 on CPU, 256 on GPU)")
-    p.add_argument("--strategy", choices=("auto", "loop", "vmap"), default="auto")
+    p.add_argument("--strategy", choices=("auto", "loop", "vmap"), default="auto", help="how victims are mapped (auto: the backend's fastest)")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting chunks after this many seconds")
     add_output_flags(p)
     args = p.parse_args(argv)

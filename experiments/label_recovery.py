@@ -283,9 +283,9 @@ def markdown(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--settings", default="all", help=f"comma-separated names or 'all': {', '.join(SETTINGS)}")
-    ap.add_argument("--out", default=str(REPO / "results" / "label_recovery"))
+    ap.add_argument("--out", default=str(REPO / "results" / "label_recovery"), help="output folder; settings already there are skipped")
     ap.add_argument("--quick", action="store_true", help="20 victims per setting (smoke test)")
-    ap.add_argument("--modes", default="robust,paper")
+    ap.add_argument("--modes", default="robust,paper", help="comma-separated searches of soft_label: robust, paper")
     ap.add_argument("--force", action="store_true", help="recompute settings already in results.json")
     from jaxleak.cli import ScriptOutput, add_output_flags
 

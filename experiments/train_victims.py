@@ -125,14 +125,14 @@ def run(model_name: str, regime: str, epochs: int, out: pathlib.Path = DEFAULT_O
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(RECIPES), required=True)
-    p.add_argument("--regime", choices=["smoothing", "mixup", "hard"], required=True)
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT)
+    p.add_argument("--model", choices=sorted(RECIPES), required=True, help="recipe (network and dataset) to train")
+    p.add_argument("--regime", choices=["smoothing", "mixup", "hard"], required=True, help="training labels")
+    p.add_argument("--epochs", type=int, default=20, help="training epochs (at most)")
+    p.add_argument("--out", type=pathlib.Path, default=DEFAULT_OUT, help="checkpoint folder")
     p.add_argument("--max-seconds", type=float, default=200.0, help="stop (and save) after the epoch crossing this")
-    p.add_argument("--epsilon", type=float, default=0.1)
-    p.add_argument("--alpha", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epsilon", type=float, default=0.1, help="label-smoothing factor (regime smoothing)")
+    p.add_argument("--alpha", type=float, default=1.0, help="mixup Beta(alpha, alpha) parameter (regime mixup)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches")
     a = p.parse_args(argv)
     run(a.model, a.regime, a.epochs, a.out, max_seconds=a.max_seconds, epsilon=a.epsilon, alpha=a.alpha, seed=a.seed)
     return 0

@@ -258,11 +258,11 @@ def _landscape64(out, G, W, p, y, log, n_max):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/trained_recovery"))
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--per-pair", type=int, default=20)
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--searches", nargs="+", default=["robust", "paper"], choices=["robust", "paper"])
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("results/trained_recovery"), help="output folder")
+    p.add_argument("--quick", action="store_true", help="smoke test on a handful of victims")
+    p.add_argument("--per-pair", type=int, default=20, help="mixup victims per class pair (the paper: 20)")
+    p.add_argument("--per-class", type=int, default=100, help="smoothing victims per class (the paper: 100)")
+    p.add_argument("--searches", nargs="+", default=["robust", "paper"], choices=["robust", "paper"], help="soft-label searches to run")
     p.add_argument("--npz-dir", default=None, help="folder of cifar10_subset.npz (default $JAXLEAK_DATA, else ../shared/data)")
     from jaxleak.cli import ScriptOutput, add_output_flags
 

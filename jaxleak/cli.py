@@ -45,30 +45,37 @@ def _add_attack(sub) -> None:
             "would share, recovers labels analytically and reconstructs the images by gradient matching. With no "
             "options: iDLG on real photographs shipped with scikit-image, LeNet, %d victims." % d.victims
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("--dataset", default=d.dataset,
                    help="skimage (built in), a tfds name (mnist, cifar10, cifar100, lfw, imagenet2012, "
                         "oxford_flowers102), flowers17, or a path to an .npz subset")
     p.add_argument("--data-dir", default=None, help="a prepared tfds data_dir (see `jaxleak data`)")
-    p.add_argument("--npz-dir", default=None, help="folder of the .npz subsets (default $JAXLEAK_DATA; from a source checkout also ../shared/data)")
-    p.add_argument("--split", default=None, help="dataset split (default: the dataset's test split)")
-    p.add_argument("--model", default=d.model, choices=["lenet", "fcn4", "alexnet", "resnet18", "resnet50"])
+    p.add_argument("--npz-dir", default=None,
+                   help="folder of the .npz subsets (unset: $JAXLEAK_DATA, and from a source checkout ../shared/data)")
+    p.add_argument("--split", default=None, help="dataset split (unset: the dataset's test split)")
+    p.add_argument("--model", default=d.model, choices=["lenet", "fcn4", "alexnet", "resnet18", "resnet50"],
+                   help="each victim's network (LeNet as in iDLG; FCN-4/AlexNet/ResNets as in Wang, Liang, He 2024)")
     p.add_argument("--init", default=d.init, choices=["uniform", "torch", "torch_resnet", "flax"],
                    help="initialiser of each victim's model (uniform = iDLG's U(-0.5, 0.5))")
     p.add_argument("--no-head-bias", dest="head_bias", action="store_false",
                    help="LeNet without a bias in the last layer (paper 2's variant)")
-    p.add_argument("--image-size", type=int, default=None, help="square input size (default: the model's)")
-    p.add_argument("--attack", default=d.attack, choices=["idlg", "dlg", "ig", "soft-label", "labels"])
+    p.add_argument("--image-size", type=int, default=None, help="square input size (unset: the model's)")
+    p.add_argument("--attack", default=d.attack, choices=["idlg", "dlg", "ig", "soft-label", "labels"],
+                   help="idlg: label from the gradient, then gradient matching (Zhao et al. 2020); dlg: label and "
+                        "image optimised jointly (Zhu et al. 2019); ig: cosine + TV with Adam (Geiping et al. 2020); "
+                        "soft-label: recover the soft label (Wang, Liang, He 2024), then gradient matching with it; "
+                        "labels: label recovery only, no reconstruction")
     p.add_argument("--labels", default=d.labels, choices=["onehot", "smoothing", "mixup"], help="the victims' label regime")
-    p.add_argument("--epsilon", type=_float_or_none, default=None, help="smoothing factor (default: drawn U(0, 0.5))")
-    p.add_argument("--mu", type=_float_or_none, default=None, help="mixup weight (default: drawn U(0, 1))")
-    p.add_argument("--victims", type=int, default=d.victims)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--epsilon", type=_float_or_none, default=None, help="smoothing factor (unset: drawn U(0, 0.5) per victim)")
+    p.add_argument("--mu", type=_float_or_none, default=None, help="mixup weight (unset: drawn U(0, 1) per victim)")
+    p.add_argument("--victims", type=int, default=d.victims, help="number of simulated victims")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of every random draw (images, models, labels, starts)")
     p.add_argument("--steps", type=int, default=d.steps, help="outer optimiser steps per victim (the papers use 300)")
     p.add_argument("--optimizer", default=None, choices=["torch_lbfgs", "optax_lbfgs", "adam"],
-                   help="default: the attack's paper optimiser")
-    p.add_argument("--restarts", type=int, default=d.restarts)
+                   help="unset: the attack's paper optimiser (L-BFGS with PyTorch semantics; Adam for ig)")
+    p.add_argument("--restarts", type=int, default=d.restarts,
+                   help="random initialisations per victim; the lowest matching loss is kept")
     p.add_argument("--search", default=d.search, choices=["robust", "paper"], help="soft-label search")
     p.add_argument("--normalize", action="store_true", help="CIFAR-10 mean/std normalisation (paper 2)")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="victims per chunk (results saved per chunk)")
@@ -76,6 +83,15 @@ def _add_attack(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_common(p)
     p.set_defaults(func=_cmd_attack)
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it says something (not for flags or unset options)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or isinstance(action.default, bool) or action.help is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _add_common(p) -> None:
@@ -127,7 +143,7 @@ def _add_recover(sub) -> None:
             "'bias' and 'bias_grad'), in flax layout (d, K) or, with --layout torch, PyTorch's (K, d); one victim or a "
             "leading victim axis. Recovers the one-hot label (iDLG) or the soft label and feature (Wang et al. 2024)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Help,
     )
     p.add_argument("file", help=".npz gradient file")
     p.add_argument("--kind", default="onehot", choices=["onehot", "smoothing", "mixup"], help="the label regime to recover")
