@@ -59,7 +59,7 @@ def flops_per_evaluation(model, params, grads, x, y_int, config: attacks.AttackC
     """XLA's FLOP count for one value-and-gradient of victim 0's matching objective (iDLG: label fixed)."""
     take = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)
     label = jax.nn.one_hot(int(y_int[0]), 100)
-    objective = attacks._matching_objective(model.apply, take(params), take(grads), config, label)
+    objective = attacks._objective(model.apply, take(params), take(grads), config, label)
     z = {"x": jnp.zeros_like(x[0])}
     cost = jax.jit(jax.value_and_grad(objective)).lower(z).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -1,12 +1,13 @@
 """jaxleak: gradient-leakage attacks on federated learning in pure functional JAX.
 
 Layers (one-way): ``models``/``labels`` -> ``victims`` (shared gradients) ->
-``recovery``/``inversion`` (analytic read-outs) -> ``attacks`` (gradient matching,
-``lbfgs``) -> ``metrics`` -> ``report`` -> ``audit`` (the main job) -> ``cli``.
+``recovery``/``inversion`` (analytic read-outs) -> ``objectives`` (what gradient
+matching minimises) -> ``attacks`` (how: ``lbfgs``, the loops) -> ``metrics`` ->
+``report`` -> ``audit`` (the main job) -> ``cli``.
 ``data`` feeds images to the victims; ``train`` makes trained victims.
 """
 
-from jaxleak import attacks, data, inversion, labels, lbfgs, metrics, models, recovery, report, train, victims
+from jaxleak import attacks, data, inversion, labels, lbfgs, metrics, models, objectives, recovery, report, train, victims
 from jaxleak.attacks import attack_victims, dlg, given_label, idlg, inverting_gradients
 from jaxleak.labels import mixup, one_hot, smooth
 from jaxleak.metrics import fidelity_curve, label_accuracy, mse, psnr, ssim
@@ -17,7 +18,8 @@ from jaxleak.victims import cross_entropy, gradient, gradients, init_victims, ma
 __version__ = "0.1.0"
 
 __all__ = [
-    "attacks", "data", "inversion", "labels", "lbfgs", "metrics", "models", "recovery", "report", "train", "victims",
+    "attacks", "data", "inversion", "labels", "lbfgs", "metrics", "models", "objectives", "recovery", "report", "train",
+    "victims",
     "attack_victims", "dlg", "given_label", "idlg", "inverting_gradients",
     "one_hot", "smooth", "mixup",
     "mse", "psnr", "ssim", "label_accuracy", "fidelity_curve",

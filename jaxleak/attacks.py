@@ -3,7 +3,9 @@
 One victim shares ``target_grads = grad_theta CE(f_theta(x), y)`` (a pytree
 shaped like ``variables["params"]``). The attacker optimises a dummy image
 ``x'`` (and for DLG dummy label logits ``v``) so that the dummy gradient
-matches it (ALGORITHMS.md §2-§4.9(b)):
+matches it (ALGORITHMS.md §2-§4.9(b)). What is minimised (gradient distances,
+the TV prior, the feature term) is ``jaxleak.objectives``; this module owns how:
+configurations, optimisation loops, the attacks and the many-victim driver.
 
 * :func:`dlg` (Zhu et al. 2019): ``x'`` and ``v`` jointly, dummy label ``softmax(v)``.
 * :func:`idlg` (Zhao et al. 2020): the label is read off the last layer
@@ -33,6 +35,7 @@ from jax.flatten_util import ravel_pytree
 from jaxleak import lbfgs as _lbfgs
 from jaxleak import metrics as _metrics
 from jaxleak import models as _models
+from jaxleak import objectives as _objectives
 from jaxleak import recovery as _recovery
 from jaxleak import victims as _victims
 
@@ -45,72 +48,6 @@ ApplyFn = Callable[..., Any]
 #: victim vs 1.62 ms under vmap (``experiments/bench_attack.py --strategies loop vmap``).
 #: With several local devices the loop is dealt round-robin over them.
 DEFAULT_STRATEGY = {"cpu": "loop", "gpu": "vmap", "tpu": "vmap"}
-
-# --------------------------------------------------------------------------
-# Distances and priors
-# --------------------------------------------------------------------------
-
-
-def _path_name(path) -> str:
-    return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-
-
-def tensor_weights(target_grads: PyTree, exclude: Sequence[str] = (), weights: Optional[dict] = None) -> PyTree:
-    """Per-tensor weights (a pytree of scalars shaped like ``target_grads``).
-
-    ``exclude`` names tensors by their ``/``-joined path (``"head/kernel"``) to
-    drop them (weight 0; paper 2's ``f`` variant drops the last-layer weight,
-    ALGORITHMS.md §4.9(b)); ``weights`` maps paths to other weights. Unknown
-    names raise ``ValueError``.
-    """
-    weights = dict(weights or {})
-    names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(target_grads)[0]]
-    unknown = sorted((set(exclude) | set(weights)) - set(names))
-    if unknown:
-        raise ValueError(f"unknown gradient tensors {unknown}; the target gradient has {names}")
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: 0.0 if _path_name(p) in exclude else float(weights.get(_path_name(p), 1.0)), target_grads
-    )
-
-
-def l2_distance(grads: PyTree, target: PyTree, weights: Optional[PyTree] = None) -> Array:
-    """DLG's matching loss: ``sum_t w_t ||grads_t - target_t||_F^2`` over all parameter tensors.
-
-    Zhu et al. 2019 eq. (4); iDLG uses the same (ALGORITHMS.md §2.1). No
-    normalisation: weights and biases of every layer count alike.
-    """
-    sq = jax.tree_util.tree_map(lambda a, b: jnp.sum((a - b) ** 2), grads, target)
-    if weights is not None:
-        sq = jax.tree_util.tree_map(lambda s, w: w * s, sq, weights)
-    return sum(jax.tree_util.tree_leaves(sq))
-
-
-def cosine_distance(grads: PyTree, target: PyTree, weights: Optional[PyTree] = None) -> Array:
-    """Inverting Gradients' loss: ``1 - <g, t> / (||g|| ||t||)`` over the concatenation of all tensors.
-
-    Geiping et al. 2020 eq. (4), one cosine over the whole (weighted) gradient
-    vector, not a mean of per-tensor cosines. Invariant to positive rescaling
-    of either argument; 0 iff parallel, 2 iff antiparallel.
-    """
-    if weights is None:
-        weights = jax.tree_util.tree_map(lambda _: 1.0, target)
-    dot = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b, w: w * jnp.vdot(a, b), grads, target, weights)))
-    na = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, w: w * jnp.vdot(a, a), grads, weights)))
-    nb = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda b, w: w * jnp.vdot(b, b), target, weights)))
-    return 1.0 - dot / (jnp.sqrt(na) * jnp.sqrt(nb) + 1e-12)
-
-
-def total_variation(x: Array) -> Array:
-    """Anisotropic total variation of one image ``(H, W, C)``: ``mean|dx| + mean|dy|``.
-
-    The form used by paper 2's and Inverting Gradients' code (ALGORITHMS.md §4.9(b)).
-    """
-    if x.ndim != 3:
-        raise ValueError(f"total_variation expects one image (H, W, C), got shape {x.shape}")
-    return jnp.mean(jnp.abs(x[1:] - x[:-1])) + jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1]))
-
-
-DISTANCES: dict[str, Callable[..., Array]] = {"l2": l2_distance, "cosine": cosine_distance}
 
 # --------------------------------------------------------------------------
 # Configuration and results
@@ -131,7 +68,7 @@ class AttackConfig:
       lr, milestones, gamma: Adam's step size and its MultiStep schedule
         (milestones as fractions of ``steps``; IG: it/2.667, it/1.6, it/1.142).
       signed: Adam on the sign of the gradient (Inverting Gradients' option).
-      tv: weight of :func:`total_variation`.
+      tv: weight of ``jaxleak.objectives.total_variation``.
       box: clamp ``x'`` to ``(lo, hi)`` after every Adam update (``None``: no box).
       stop_loss, check_every: stop a victim when its matching loss is below
         ``stop_loss``, tested every ``check_every`` steps (iDLG: 1e-6 every 10).
@@ -172,8 +109,8 @@ class AttackConfig:
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
             raise ValueError(f"precision must be None or a jax.default_matmul_precision name, got {self.precision!r}")
-        if self.distance not in DISTANCES:
-            raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {self.distance!r}")
+        if self.distance not in _objectives.DISTANCES:
+            raise ValueError(f"distance must be one of {sorted(_objectives.DISTANCES)}, got {self.distance!r}")
         if self.optimizer not in ("torch_lbfgs", "optax_lbfgs", "adam"):
             raise ValueError(f"optimizer must be 'torch_lbfgs', 'optax_lbfgs' or 'adam', got {self.optimizer!r}")
         for name in ("steps", "check_every", "restarts", "snapshot_every", "memory_size"):
@@ -332,7 +269,7 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
             f"target_grads must have the structure of variables['params'] ({p_struct}), got {g_struct}"
         )
     bad = [
-        (_path_name(p), tuple(g.shape), tuple(w.shape))
+        (_objectives.tensor_name(p), tuple(g.shape), tuple(w.shape))
         for (p, g), w in zip(jax.tree_util.tree_flatten_with_path(target_grads)[0], jax.tree_util.tree_leaves(params))
         if tuple(g.shape) != tuple(w.shape)
     ]
@@ -342,7 +279,8 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
         raise ValueError(f"x_shape must be one image's (H, W, C), got {tuple(x_shape)}")
     leaves = jax.tree_util.tree_leaves(target_grads)
     if all(not isinstance(a, jax.core.Tracer) for a in leaves):
-        nonfinite = [_path_name(p) for p, g in jax.tree_util.tree_flatten_with_path(target_grads)[0] if not np.all(np.isfinite(np.asarray(g)))]
+        nonfinite = [_objectives.tensor_name(p) for p, g in jax.tree_util.tree_flatten_with_path(target_grads)[0]
+                     if not np.all(np.isfinite(np.asarray(g)))]
         if nonfinite:
             raise ValueError(f"target_grads contains NaN or Inf in {nonfinite}")
     kernel, _ = _models.last_layer(params)
@@ -357,74 +295,13 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
 # --------------------------------------------------------------------------
 
 
-def _split_variables(variables: PyTree) -> tuple[PyTree, dict]:
-    if isinstance(variables, dict) and "params" in variables:
-        return variables["params"], {k: v for k, v in variables.items() if k != "params"}
-    return variables, None  # a bare params dict (no "params" collection)
-
-
-def _dummy_loss(apply_fn, soft: bool, params, rest, z, label):
-    y = jax.nn.softmax(z["v"]) if soft else label
-    return _victims.loss(apply_fn, params if rest is None else {**rest, "params": params}, z["x"], y)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weights, label):
-    """``distance(grad_theta CE(f(x'), y'), target_grads, weights)`` for dummy ``z = {"x": x', ["v": v]}``.
-
-    ``y' = softmax(v)`` when ``soft`` (DLG), else ``label``. Its gradient in
-    ``z`` is ``J^T dD/dG`` with ``G = grad_theta CE``; because ``<G, u> =
-    d/de CE(theta + e u)``, that is ``grad_z jvp_theta CE[u]`` at ``u = dD/dG``
-    (reverse over forward), ~15 % cheaper on CPU than differentiating
-    ``jax.grad`` twice. Only ``z`` is differentiable.
-    """
-    return _gradient_distance_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label)[0]
-
-
-def _gradient_distance_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label):
-    params, rest = _split_variables(variables)
-    grads = jax.grad(_dummy_loss, argnums=2)(apply_fn, soft, params, rest, z, label)
-    value, d_grads = jax.value_and_grad(lambda g: distance(g, target_grads, weights))(grads)
-    return value, (z, variables, target_grads, weights, label, d_grads)
-
-
-def _gradient_distance_bwd(apply_fn, distance, soft, res, ct):
-    z, variables, target_grads, weights, label, d_grads = res
-    params, rest = _split_variables(variables)
-    directional = lambda zz: jax.jvp(lambda p: _dummy_loss(apply_fn, soft, p, rest, zz, label), (params,), (d_grads,))[1]
-    gz = jax.grad(directional)(z)
-    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
-    return jax.tree_util.tree_map(lambda g: ct * g, gz), zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
-
-
-gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
-
-
-def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:
-    """Feature-matching term of paper 2 (ALGORITHMS.md §4.9(b)): ``||h - target||^2`` or ``1 - cos(h, target)``."""
-    if distance == "l2":
-        return jnp.sum((h - target) ** 2)
-    return 1.0 - jnp.vdot(h, target) / (jnp.linalg.norm(h) * jnp.linalg.norm(target) + 1e-12)
-
-
-def _matching_objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array],
-                        feature: Optional[Array] = None):
-    dist = DISTANCES[config.distance]
-    weights = tensor_weights(target_grads, config.exclude_tensors) if config.exclude_tensors else None
-    soft = label is None
-    y = jnp.zeros(()) if soft else label
-    use_feature = feature is not None and config.feature_weight > 0
-
-    def objective(z):
-        d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y)
-        if config.tv:
-            d = d + config.tv * total_variation(z["x"])
-        if use_feature:
-            h = apply_fn(variables, z["x"][None], return_feature=True)[1][0]
-            d = d + config.feature_weight * feature_distance(h, feature, config.distance)
-        return d
-
-    return objective
+def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array],
+               feature: Optional[Array] = None) -> Callable[[PyTree], Array]:
+    """``jaxleak.objectives.matching_objective`` with ``config``'s distance, TV, excluded tensors and feature weight."""
+    return _objectives.matching_objective(
+        apply_fn, variables, target_grads, label, feature, distance=config.distance, tv=config.tv,
+        exclude_tensors=config.exclude_tensors, feature_weight=config.feature_weight,
+    )
 
 
 def _with_restarts(run_one: Callable[[Array], tuple], key: Array, config: AttackConfig) -> AttackResult:
@@ -454,7 +331,7 @@ def given_label(
 
     ``feature`` ``(d,)``: a recovered last-layer input ``h_hat`` (e.g.
     ``jaxleak.recovery.soft_label(...).feature``); with ``config.feature_weight
-    > 0`` the objective adds :func:`feature_distance` of ``h(x')`` (from
+    > 0`` the objective adds ``jaxleak.objectives.feature_distance`` of ``h(x')`` (from
     ``apply_fn(variables, x, return_feature=True)``) to it, paper 2's feature
     matching (§4.9(b); drop the head's kernel with ``exclude_tensors`` for its
     ``f`` variant). Ignored when ``feature_weight`` is 0.
@@ -467,7 +344,7 @@ def given_label(
         if jnp.shape(feature) != (d,):
             raise ValueError(f"feature must be the last-layer input of shape ({d},), got shape {jnp.shape(feature)}")
     dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
-    objective = _matching_objective(apply_fn, variables, target_grads, config, label, feature)
+    objective = _objective(apply_fn, variables, target_grads, config, label, feature)
 
     def run_one(k):
         z0 = {"x": jax.random.normal(k, tuple(x_shape), dtype)}
@@ -511,7 +388,7 @@ def dlg(
     """
     k = check_inputs(variables, target_grads, x_shape)
     dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
-    objective = _matching_objective(apply_fn, variables, target_grads, config, None)
+    objective = _objective(apply_fn, variables, target_grads, config, None)
 
     def run_one(key_):
         kx, kv = jax.random.split(key_)

@@ -1,4 +1,4 @@
-"""Shared test fixtures: the compile cache and the location of the real data subsets."""
+"""Shared test fixtures: the compile cache, the location of the real data subsets, two tiny LeNet victims."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import os
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -13,6 +14,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 # Compilation dominates small tests (JAX_NOTES.md): reuse compiled programs across runs.
 jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+from jaxleak import models, victims  # noqa: E402  (after the cache is configured: importing may compile)
 
 
 def shared_data_dir() -> pathlib.Path | None:
@@ -31,3 +34,17 @@ def shared_data() -> pathlib.Path:
             "(e.g. ../shared/data beside the checkout)"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """Two victims: a tiny LeNet-Zhu (8x8x1 -> d=48, K=10) with iDLG's U(-0.5, 0.5) init, smooth images, labels 3, 7."""
+    k, shape = 10, (8, 8, 1)
+    model = models.LeNet(k)
+    params = victims.init_victims(model, jax.random.PRNGKey(0), 2, shape, init="uniform")
+    grid = jnp.linspace(0.0, 1.0, 8)
+    x = jnp.stack([jnp.outer(grid, 1 - grid)[..., None], jnp.outer(grid**2, grid)[..., None]])
+    y = jax.nn.one_hot(jnp.array([3, 7]), k)
+    grads = victims.gradients(model.apply, params, x, y, per_victim_params=True)
+    take = lambda t, i: jax.tree_util.tree_map(lambda a: a[i], t)
+    return dict(model=model, params=params, x=x, y=y, grads=grads, take=take)

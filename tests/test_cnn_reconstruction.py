@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxleak import attacks, models, victims
+from jaxleak import attacks, models, objectives, victims
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (8, 8, 1)
@@ -25,7 +25,9 @@ ALL_OPTS = ("origin", "hard", "dlg", "optimal", "f", "gf")
 
 @pytest.fixture(scope="module")
 def tiny():
-    """One tiny bias-free LeNet victim (8x8x1 -> d=48, K=10) with a smoothed label, and its true feature."""
+    """One tiny bias-free LeNet victim (8x8x1 -> d=48, K=10) with a smoothed label, and its true feature.
+
+    Overrides conftest's two-victim ``tiny`` in this module."""
     model = models.LeNet(K, head_bias=False)
     params = victims.init_victims(model, jax.random.PRNGKey(0), 1, SHAPE, init="uniform")
     params = jax.tree_util.tree_map(lambda a: a[0], params)
@@ -41,27 +43,19 @@ def _cfg(**kw):
     return attacks.AttackConfig(steps=3, stop_loss=0.0, **kw)
 
 
-def test_feature_distance():
-    h = jnp.array([1.0, 2.0, 3.0])
-    assert float(attacks.feature_distance(h, h, "l2")) == 0.0
-    assert abs(float(attacks.feature_distance(h, 2 * h, "cosine"))) < 1e-6  # scale invariant
-    np.testing.assert_allclose(float(attacks.feature_distance(h, h + 1, "l2")), 3.0)
-    np.testing.assert_allclose(float(attacks.feature_distance(h, -h, "cosine")), 2.0, rtol=1e-6)
-
-
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_feature_term_adds_to_the_objective(tiny, distance):
     apply = tiny["model"].apply
     cfg = _cfg(distance=distance, feature_weight=2.0, exclude_tensors=(f"{models.HEAD}/kernel",))
     target = tiny["h"] + 0.1
-    obj = attacks._matching_objective(apply, tiny["params"], tiny["grads"], cfg, tiny["y"], target)
-    plain = attacks._matching_objective(apply, tiny["params"], tiny["grads"], dataclasses.replace(cfg, feature_weight=0.0), tiny["y"], target)
+    obj = attacks._objective(apply, tiny["params"], tiny["grads"], cfg, tiny["y"], target)
+    plain = attacks._objective(apply, tiny["params"], tiny["grads"], dataclasses.replace(cfg, feature_weight=0.0), tiny["y"], target)
     z = {"x": tiny["x"] + 0.05}
     h = victims.feature(apply, tiny["params"], z["x"])
-    expected = float(plain(z)) + 2.0 * float(attacks.feature_distance(h, target, distance))
+    expected = float(plain(z)) + 2.0 * float(objectives.feature_distance(h, target, distance))
     np.testing.assert_allclose(float(obj(z)), expected, rtol=1e-5)
     # At the truth with the true feature the whole objective (no TV) is zero.
-    exact = attacks._matching_objective(apply, tiny["params"], tiny["grads"], cfg, tiny["y"], tiny["h"])
+    exact = attacks._objective(apply, tiny["params"], tiny["grads"], cfg, tiny["y"], tiny["h"])
     assert float(exact({"x": tiny["x"]})) < 1e-6
 
 

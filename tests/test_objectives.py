@@ -1,0 +1,96 @@
+"""What gradient matching minimises: distances, priors, the feature term, the custom-VJP gradient distance."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxleak import objectives, victims
+
+SHAPE = (8, 8, 1)
+K = 10  # SHAPE and K are those of the `tiny` fixture (conftest.py)
+
+
+# ---------------------------------------------------------------- distances
+
+
+def _random_tree(key, like):
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, a.shape) for k, a in zip(keys, leaves)])
+
+
+def test_distances_zero_at_truth_and_documented_invariances(tiny):
+    g = tiny["take"](tiny["grads"], 0)
+    other = _random_tree(jax.random.PRNGKey(1), g)
+    assert float(objectives.l2_distance(g, g)) == 0.0
+    assert abs(float(objectives.cosine_distance(g, g))) < 1e-6
+    scaled = jax.tree_util.tree_map(lambda a: 7.5 * a, other)
+    np.testing.assert_allclose(objectives.cosine_distance(scaled, g), objectives.cosine_distance(other, g), rtol=1e-5)
+    neg = jax.tree_util.tree_map(lambda a: -a, g)
+    np.testing.assert_allclose(objectives.cosine_distance(neg, g), 2.0, rtol=1e-6)
+    # L2 is the plain sum of squares over all tensors (float64 oracle).
+    ref = sum(np.sum((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+              for a, b in zip(jax.tree_util.tree_leaves(other), jax.tree_util.tree_leaves(g)))
+    np.testing.assert_allclose(objectives.l2_distance(other, g), ref, rtol=1e-5)
+
+
+def test_tensor_weights_exclude(tiny):
+    g = tiny["take"](tiny["grads"], 0)
+    other = _random_tree(jax.random.PRNGKey(2), g)
+    w = objectives.tensor_weights(g, exclude=("head/kernel",))
+    only_head = jax.tree_util.tree_map(lambda a: a, g)
+    only_head["head"]["kernel"] = other["head"]["kernel"]
+    assert float(objectives.l2_distance(only_head, g, w)) == 0.0
+    assert float(objectives.l2_distance(only_head, g)) > 0.0
+    with pytest.raises(ValueError, match="unknown gradient tensors"):
+        objectives.tensor_weights(g, exclude=("head/kernels",))
+
+
+def test_total_variation():
+    assert float(objectives.total_variation(jnp.full((4, 5, 3), 0.3))) == 0.0
+    x = jnp.zeros((3, 4, 1)).at[:, 2:].set(1.0)  # one vertical edge: |dx| = 1 on 1 of 3 columns
+    np.testing.assert_allclose(objectives.total_variation(x), 1.0 / 3.0, rtol=1e-6)
+    with pytest.raises(ValueError, match="one image"):
+        objectives.total_variation(jnp.zeros((2, 3, 4, 1)))
+
+
+def test_feature_distance():
+    h = jnp.array([1.0, 2.0, 3.0])
+    assert float(objectives.feature_distance(h, h, "l2")) == 0.0
+    assert abs(float(objectives.feature_distance(h, 2 * h, "cosine"))) < 1e-6  # scale invariant
+    np.testing.assert_allclose(float(objectives.feature_distance(h, h + 1, "l2")), 3.0)
+    np.testing.assert_allclose(float(objectives.feature_distance(h, -h, "cosine")), 2.0, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- gradient distance, objective
+
+
+@pytest.mark.parametrize("distance,soft", [("l2", False), ("l2", True), ("cosine", True)])
+def test_gradient_distance_vjp_equals_double_backprop(tiny, distance, soft):
+    """The reverse-over-forward gradient equals jax.grad through jax.grad (float64 oracle)."""
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+        p, g = f64(tiny["take"](tiny["params"], 0)), f64(tiny["take"](tiny["grads"], 0))
+        dist = objectives.DISTANCES[distance]
+        w = objectives.tensor_weights(g, weights={"conv1/kernel": 3.0}, exclude=("head/bias",))
+        z = {"x": jax.random.normal(jax.random.PRNGKey(9), SHAPE, jnp.float64),
+             "v": jax.random.normal(jax.random.PRNGKey(10), (K,), jnp.float64)}
+        label = f64(tiny["y"][0])
+
+        def reference(zz):
+            y = jax.nn.softmax(zz["v"]) if soft else label
+            return dist(victims.gradient(tiny["model"].apply, p, zz["x"], y), g, w)
+
+        ours = jax.grad(lambda zz: objectives.gradient_distance(tiny["model"].apply, dist, soft, zz, p, g, w, label))(z)
+        ref = jax.grad(reference)(z)
+        np.testing.assert_allclose(ours["x"], ref["x"], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(ours["v"], ref["v"], rtol=1e-9, atol=1e-12)
+
+
+def test_matching_objective_rejects_unknown_distance(tiny):
+    p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
+    with pytest.raises(ValueError, match="distance must be one of \\['cosine', 'l2'\\], got 'l1'"):
+        objectives.matching_objective(tiny["model"].apply, p, g, tiny["y"][0], distance="l1")
