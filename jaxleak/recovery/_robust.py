@@ -34,13 +34,22 @@ class RobustSearch:
     equal and >= 0, for mixup K-2 entries ~0 and the top two >= 0).
     ``nonnegative=False`` searches both signs (features of any sign).
     Default tolerances: entries 1e-5, loss 1e-9 (the paper's threshold).
+
+    Budget: the grid spacing in ``log|u|`` is ``ln(1/u_min) / (grid_size - 1)``
+    (2.4 % of ``u`` at 384 points); the fine grid spans two coarse spacings, and
+    28 golden-section steps shrink one fine spacing (~8e-4) by 0.618^28 to
+    ~1e-9 in ``log|u|``, below float32 resolution and far below the ~1e-6 a
+    label error of 1e-6 needs. Measured on LeNet/CIFAR-10 (1,000 victims each,
+    2-core CPU, one run): 512 points and 40 steps gave 12.7k (smoothing) /
+    16.8k (mixup) victims/s, 384 and 28 gave 16.6k / 22.6k, both with every
+    label within 1e-3.
     """
 
-    grid_size: int = 512
+    grid_size: int = 384
     u_min: float = 1e-4
     candidates: int = 4
     fine_size: int = 64
-    refine_iters: int = 40
+    refine_iters: int = 28
     nonnegative: bool = True
     entry_tol: Optional[float] = None
     loss_tol: Optional[float] = None
