@@ -198,6 +198,37 @@ def test_paper_search_reproduces_labels(kind):
         np.testing.assert_array_equal(out.lam, again.lam)  # deterministic, swarm included
 
 
+@pytest.mark.parametrize("search", ["robust", "paper"])
+@pytest.mark.parametrize("kind", ["smoothing", "mixup"])
+def test_saturated_softmax_on_the_label_class_is_flagged_not_guessed(kind, search):
+    """p = e_j with j the label's top class: delta has the label's own form, so every lam in an interval
+    gives a valid label (eps / mu not identifiable). Seen on untrained AlexNet/Flowers-17 (1/17 of victims).
+    The same layer with a non-saturated softmax is recovered exactly."""
+    rng = np.random.default_rng(3)
+    K, d, j = 10, 16, 4
+    h = np.abs(rng.normal(size=d)) + 0.1
+    y = np.full(K, 0.2 / K)
+    y[j] += 0.8
+    if kind == "mixup":
+        y = np.zeros(K)
+        y[j], y[7] = 0.7, 0.3
+    for scale, saturated in ((200.0, True), (0.3, False)):
+        W = rng.normal(size=(d, K)) * 0.3 / np.sqrt(d)
+        W[:, j] += scale / np.sqrt(d)  # logit of class j far above the rest when scale is large
+        z = h @ W
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        assert (p[j] == 1.0) == saturated
+        G = np.outer(h, p - y)
+        with jax.enable_x64(True):
+            out = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind=kind, search=search, errors="flag")
+        if saturated:
+            assert not bool(out.ok) and int(out.reason) == recovery.AMBIGUOUS
+        else:
+            assert bool(out.ok) and int(out.reason) == recovery.OK
+            np.testing.assert_allclose(np.asarray(out.label), y, atol=1e-4)  # the paper search stops at loss 1e-9
+
+
 # --------------------------------------------------------------------------
 # Bad inputs
 # --------------------------------------------------------------------------

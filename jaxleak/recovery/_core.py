@@ -25,7 +25,8 @@ REASONS: tuple[str, ...] = (
     "all-zero last-layer gradient (nothing to recover)",
     "last-layer gradient has rank > 1 (a batch of several examples? recovery needs B = 1)",
     "no valid solution: the search found no lambda whose label passes the validity checks",
-    "ambiguous: several lambdas give valid labels of this kind (not identifiable; happens for small K)",
+    "ambiguous: several lambdas give valid labels of this kind (not identifiable: small K, or a saturated "
+    "softmax that predicts one of the label's classes)",
 )
 OK, NON_FINITE, ZERO_GRADIENT, RANK_GT_1, NO_SOLUTION, AMBIGUOUS = range(6)
 
@@ -220,6 +221,25 @@ def _valid(y: Array, loss: Array, kind: str, entry_tol: float, loss_tol: float) 
     else:
         ok &= jnp.all(jnp.where(mask, jnp.abs(y) <= entry_tol, True)) & (second >= -entry_tol)
     return ok
+
+
+def _flat_valley(u: Array, y: Array, a: Array, c: Array, b: Array, kind: str, entry_tol: float, loss_tol: float,
+                 factors: tuple[float, ...] = (0.5, 0.9, 1.1, 2.0)) -> Array:
+    """Whether a label at ``u * f`` (``f`` in ``factors``) is valid too yet differs from ``y``.
+
+    A valley of exact solutions: when the softmax is saturated, ``p = e_j``, with ``j`` a class the label
+    puts most weight on (smoothing: the true class; mixup: one of the two), ``delta = p - y`` has the
+    label's own form and ``y_hat(t) = e_j - t delta`` is a valid label of that form for a whole interval
+    of ``t`` down to 0, so eps (or mu) is not identifiable from the gradient (measured: untrained AlexNet
+    on Flowers-17 with U(-0.5, 0.5) weights, 1/17 of smoothing and 2/17 of mixup victims). A search may
+    stop anywhere in the valley, near its one-hot end too, so the probes reach a factor 2 either way; an
+    isolated root moves the label at first order in ``u``, which leaves the probes' loss far above
+    ``loss_tol``.
+    """
+    us = u * jnp.asarray(factors, u.dtype)
+    ys = jax.vmap(lambda v: _label_at(v, a, c, b))(us)
+    valid = jax.vmap(lambda yy: _valid(yy, _objective(yy, kind), kind, entry_tol, loss_tol))(ys)
+    return jnp.any(valid & (jnp.max(jnp.abs(ys - y), axis=-1) > entry_tol))
 
 
 def _derived(y: Array, kind: str):

@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxleak.recovery._core import (
-    NO_SOLUTION, OK, SoftLabel, _input_reason, _label_at, _precompute, _result, variance_loss,
+    AMBIGUOUS, NO_SOLUTION, OK, SoftLabel, _flat_valley, _input_reason, _label_at, _precompute, _result,
+    variance_loss,
 )
 
 
@@ -239,8 +240,11 @@ def _paper_finish(G, W, b, s, used_swarm, kind, cfg: PaperSearch) -> SoftLabel:
     u = coef / s
     y = _label_at(u, a, c, bb)
     loss = variance_loss(y, kind)
-    ok = (reason == OK) & (loss < cfg.threshold)
-    reason = jnp.where((reason == OK) & ~ok, NO_SOLUTION, reason)
+    found = loss < cfg.threshold  # the reference's own test
+    # jaxleak's addition: a valley of exact solutions means the label is not identifiable (see _flat_valley)
+    flat = _flat_valley(u, y, a, c, bb, kind, 1e-5, cfg.threshold)
+    ok = (reason == OK) & found & ~flat
+    reason = jnp.where(reason != OK, reason, jnp.where(~found, NO_SOLUTION, jnp.where(flat, AMBIGUOUS, OK)))
     return _result(y, g / u, s / coef, loss, ok, reason, kind, r, used_swarm)
 
 

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxleak.recovery._core import (
-    AMBIGUOUS, NO_SOLUTION, OK, SoftLabel, _checks, _input_reason, _label_at, _objective, _result, _valid,
+    AMBIGUOUS, NO_SOLUTION, OK, SoftLabel, _checks, _flat_valley, _input_reason, _label_at, _objective, _result,
+    _valid,
     variance_loss,
 )
 
@@ -164,7 +165,7 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
     # apart (happens for small K). A rival far above the best root's loss is merely near-valid.
     differs = jnp.max(jnp.abs(ys - y), axis=-1) > 100 * entry_tol
     rival = objs <= jnp.maximum(100.0 * objs[best], 1e-3 * loss_tol)
-    ambiguous = jnp.any(valid & differs & rival)
+    ambiguous = jnp.any(valid & differs & rival) | _flat_valley(u, y, a, c, b, kind, entry_tol, loss_tol)
     ok = (reason == OK) & valid[best] & ~ambiguous
     reason = jnp.where(reason != OK, reason, jnp.where(~valid[best], NO_SOLUTION, jnp.where(ambiguous, AMBIGUOUS, OK)))
     return _result(y, g / u, 1 / u, variance_loss(y, kind), ok, reason, kind, r, jnp.array(False))
