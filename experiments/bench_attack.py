@@ -114,7 +114,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
                     matmul_precision=str(jax.config.jax_default_matmul_precision), **extra)
 
 
-def bench_torch(params, x, y_int, n: int, seed: int) -> dict:
+def bench_torch(params, x, y_int, n: int, seed: int, steps: int = 300) -> dict:
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import torch
     import torch_reference
@@ -123,7 +123,7 @@ def bench_torch(params, x, y_int, n: int, seed: int) -> dict:
     t = time.time()
     for i in range(n):
         net = torch_reference.from_flax(jax.tree_util.tree_map(lambda a: np.asarray(a[i]), params["params"]), 3, 100)
-        runs.append(torch_reference.attack(net, np.asarray(x[i]), int(y_int[i]), "idlg", seed=seed + i))
+        runs.append(torch_reference.attack(net, np.asarray(x[i]), int(y_int[i]), "idlg", seed=seed + i, iterations=steps))
     seconds = time.time() - t
     return _summary("torch", n, seconds, np.array([r["mse"] for r in runs]), np.array([r["evals"] for r in runs]),
                     torch_threads=torch.get_num_threads())
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
             rows.append({"V": v, "backend": backend, **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
             o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
         if args.torch_victims:
-            rows.append({"V": v, "backend": "cpu", **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed)})
+            rows.append({"V": v, "backend": "cpu", **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed, args.steps)})
             o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
             jx = [r for r in rows if r["V"] == v and r["impl"] == "jaxleak"][0]
             tr = rows[-1]
