@@ -216,19 +216,6 @@ def _label_for(option: str, v: dict) -> np.ndarray:
 # --------------------------------------------------------------------------- one attack
 
 
-def _keep_best(res) -> tuple[np.ndarray, float]:
-    """The lowest-objective iterate among the snapshots (every SNAPSHOT steps) and the final one."""
-    hist, snaps = np.asarray(res.loss_history), np.asarray(res.snapshots)
-    best_x, best_loss = np.asarray(res.x), float(res.loss)
-    if not np.isfinite(best_loss):
-        best_loss = np.inf
-    for j in range(1, len(snaps)):
-        step = j * SNAPSHOT - 1
-        if step < len(hist) and np.isfinite(hist[step]) and hist[step] < best_loss and np.all(np.isfinite(snaps[j])):
-            best_x, best_loss = snaps[j], float(hist[step])
-    return best_x, best_loss
-
-
 def psnr_uint8(rec: np.ndarray, truth: np.ndarray) -> float:
     """Paper 2's PSNR: clamp, ``ToPILImage`` truncation to uint8, data_range 256 (§4.9(b))."""
     q = lambda a: np.floor(np.clip(a, 0, 1) * 255).astype(np.float64)
@@ -247,7 +234,8 @@ def run_option(v: dict, option: str, cost: str, cfg: dict, seed: int = SEED) -> 
     best_x, best_loss, best_label = None, np.inf, None
     for r in range(cfg["restarts"]):
         res = fn(jax.random.fold_in(base, r), v["variables"], v["grads"], label, feature)
-        x, loss = _keep_best(res)
+        x, loss = (np.asarray(a) for a in attacks.keep_best(res, SNAPSHOT))
+        loss = float(loss)
         if best_x is None or loss < best_loss:
             best_x, best_loss, best_label = x, loss, np.asarray(res.label)
     seconds = time.time() - t0

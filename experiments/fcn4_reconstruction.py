@@ -94,7 +94,7 @@ def analytic(model, variables, x, y, kind: str, *, chunk: int = 8, search: str =
 
 
 def dlg_attack(model, variables, x, y, *, steps: int, lr: float = 0.3, seed: int = 0):
-    """DLG (Zhu et al. 2019) as in paper 2's FCN demo: L-BFGS lr 0.3, no TV, random label logits."""
+    """DLG (Zhu et al. 2019) as in paper 2's FCN demo: L-BFGS lr 0.3, no TV, random label logits; keep-best."""
     from jaxleak import attacks, lbfgs
 
     cfg = attacks.AttackConfig(steps=steps, lbfgs=lbfgs.TorchLBFGSConfig(lr=lr))
@@ -102,8 +102,9 @@ def dlg_attack(model, variables, x, y, *, steps: int, lr: float = 0.3, seed: int
     for i in range(len(x)):
         g = _victims.gradient(model.apply, variables, jnp.asarray(x[i]), jnp.asarray(y[i]))
         res = attacks.dlg(jax.random.PRNGKey(seed + i), model.apply, variables, g, x.shape[1:], config=cfg)
-        recs.append(np.asarray(res.x))
-        losses.append(float(res.loss))
+        best, loss = attacks.keep_best(res, cfg.snapshot_every)  # lr-0.3 L-BFGS can diverge to NaN late
+        recs.append(np.nan_to_num(np.asarray(best)))  # nothing finite at all: scored as the mean image
+        losses.append(float(loss))
         del g
     return np.stack(recs), np.asarray(losses)
 

@@ -304,6 +304,27 @@ def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: O
     )
 
 
+def keep_best(result: AttackResult, snapshot_every: int) -> tuple[Array, Array]:
+    """The iterate with the lowest finite objective: the final ``x'`` or a snapshot (paper 2's keep-best).
+
+    Wang, Liang, He's reconstruction code keeps, within each run, the iterate of
+    lowest objective (ALGORITHMS.md §4.9(b)); here the candidates are the final
+    ``x'`` and the snapshots after steps ``e-1, 2e-1, ...`` (``e = snapshot_every``
+    of the run's :class:`AttackConfig`), scored by ``loss_history``. A run that
+    diverged to NaN thus returns its last good iterate. Returns ``(x, loss)``;
+    ``loss`` is ``inf`` when no candidate is finite. Jit- and vmap-compatible.
+    """
+    hist = result.loss_history
+    idx = jnp.arange(1, result.snapshots.shape[0]) * snapshot_every - 1
+    snap = jnp.where(idx < hist.shape[0], hist[jnp.clip(idx, 0, hist.shape[0] - 1)], jnp.inf)
+    finite_x = jax.vmap(lambda a: jnp.all(jnp.isfinite(a)))(result.snapshots[1:])
+    snap = jnp.where(jnp.isfinite(snap) & finite_x, snap, jnp.inf)
+    final = jnp.where(jnp.isfinite(result.loss) & jnp.all(jnp.isfinite(result.x)), result.loss, jnp.inf)
+    losses = jnp.concatenate([final[None], snap])
+    i = jnp.argmin(losses)  # ties keep the final iterate
+    return jnp.concatenate([result.x[None], result.snapshots[1:]])[i], losses[i]
+
+
 def _with_restarts(run_one: Callable[[Array], tuple], key: Array, config: AttackConfig) -> AttackResult:
     if config.restarts == 1:
         out = run_one(key)

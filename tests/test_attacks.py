@@ -145,3 +145,18 @@ def test_gpu_code_paths_agree_with_cpu_ones(tiny):
         gpu = attacks.idlg(key, models.LeNet(K, conv="patches").apply, p, g, SHAPE, config=gpu_like)
         assert cpu.x.dtype == jnp.float64 and int(cpu.evals) > 3 * 3  # the 3-slot history wrapped
         np.testing.assert_allclose(gpu.x, cpu.x, rtol=1e-6, atol=1e-8)
+
+
+def test_keep_best_picks_the_lowest_finite_iterate():
+    """Snapshots are x' before steps 0, e, 2e, ...; snapshot j is scored by loss_history[j e - 1]."""
+    e, steps = 2, 6
+    snaps = jnp.arange(4, dtype=jnp.float32)[:, None, None, None] * jnp.ones((4, 2, 2, 1))  # x' = j at snapshot j
+    hist = jnp.array([9.0, 5.0, 7.0, 3.0, 8.0, jnp.nan])  # snapshot 1 <- 5, 2 <- 3, 3 <- nan
+    res = attacks.AttackResult(x=jnp.full((2, 2, 1), jnp.nan), label=jnp.zeros(3), loss=jnp.array(jnp.nan),
+                               loss_history=hist, steps=jnp.array(steps), evals=jnp.array(steps), snapshots=snaps)
+    x, loss = attacks.keep_best(res, e)
+    assert float(loss) == 3.0 and np.all(np.asarray(x) == 2.0)  # the run diverged: its best finite iterate
+    x, loss = attacks.keep_best(res._replace(x=jnp.full((2, 2, 1), 7.0), loss=jnp.array(1.0)), e)
+    assert float(loss) == 1.0 and np.all(np.asarray(x) == 7.0)  # the final iterate when it is the best
+    x, loss = jax.jit(attacks.keep_best, static_argnums=1)(res._replace(loss_history=jnp.full(steps, jnp.nan)), e)
+    assert np.isinf(float(loss))  # nothing finite
