@@ -61,7 +61,6 @@ mean PSNR, mean SSIM, n, paired PSNR gain over ``hard``) and ``grid.png``
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import itertools
 import os
@@ -216,13 +215,6 @@ def _label_for(option: str, v: dict) -> np.ndarray:
 # --------------------------------------------------------------------------- one attack
 
 
-def psnr_uint8(rec: np.ndarray, truth: np.ndarray) -> float:
-    """Paper 2's PSNR: clamp, ``ToPILImage`` truncation to uint8, data_range 256 (§4.9(b))."""
-    q = lambda a: np.floor(np.clip(a, 0, 1) * 255).astype(np.float64)
-    mse = float(np.mean((q(rec) - q(truth)) ** 2))
-    return float("inf") if mse == 0 else float(10 * np.log10(256.0**2 / mse))
-
-
 def run_option(v: dict, option: str, cost: str, cfg: dict, seed: int = SEED) -> tuple[dict, np.ndarray]:
     config = attack_config(cost, option, lbfgs_steps=cfg["lbfgs_steps"], adam_steps=cfg["adam_steps"], tv=cfg["tv"], fs=cfg["fs"])
     fn = _runner(option, config)
@@ -245,7 +237,7 @@ def run_option(v: dict, option: str, cost: str, cfg: dict, seed: int = SEED) -> 
     truth = v["truth"]
     record = {**{k: info[k] for k in ("kind", "victim")}, "option": option, "cost": cost,
               "psnr": float(metrics.psnr(rec, truth)), "ssim": float(metrics.ssim(rec, truth)),
-              "mse": float(np.mean((np.clip(rec, 0, 1) - truth) ** 2)), "psnr_uint8": psnr_uint8(rec, truth),
+              "mse": float(np.mean((np.clip(rec, 0, 1) - truth) ** 2)), "psnr_uint8": metrics.psnr_uint8(rec, truth),
               "loss": best_loss, "label_used_err": float(np.max(np.abs(best_label - v["y"]))), "seconds": seconds,
               "recovery_ok": info["recovery_ok"]}
     return record, rec

@@ -114,18 +114,6 @@ def _scores(rec_norm, truth):
     return rec, np.asarray(metrics.psnr(rec, truth)), np.asarray(metrics.ssim(rec, truth)), np.abs(rec - truth).reshape(len(rec), -1).max(1)
 
 
-def psnr_uint8(rec, truth):
-    """Paper 2's PSNR (§4.9(b)): both images to uint8 by ``ToPILImage`` truncation (clamped first), data_range 256.
-
-    Truncation turns a float-exact reconstruction a hair below an integer level
-    into an off-by-one pixel, which caps this PSNR near 50 dB: the paper's 51 dB.
-    """
-    q = lambda a: np.floor(np.clip(a, 0, 1) * 255).astype(np.float64)
-    mse = ((q(rec) - q(truth)) ** 2).reshape(len(rec), -1).mean(1)
-    with np.errstate(divide="ignore"):
-        return 10 * np.log10(256.0**2 / mse)
-
-
 def run(victims: int = 100, out: str | os.PathLike = "results/fcn4", quick: bool = False, *,
         kinds: Sequence[str] = ("smoothing", "mixup"), dlg: bool = True, dlg_victims: Optional[int] = None,
         dlg_steps: Optional[int] = None, search: str = "robust", seed: int = SEED, npz_dir=None, log=print) -> dict:
@@ -165,7 +153,7 @@ def run(victims: int = 100, out: str | os.PathLike = "results/fcn4", quick: bool
         rec, sl = analytic(model, variables, x, y, kind, search=search)
         ta = time.time() - ta
         rec, ps, ss, err = _scores(rec, truth)
-        pu8 = psnr_uint8(rec, truth)
+        pu8 = metrics.psnr_uint8(rec, truth)
         log(f"[{kind}] analytic: {victims} victims in {ta:.1f}s; PSNR median {np.median(ps):.1f} dB, "
             f">40 dB {np.mean(ps > 40):.1%}; label ok {np.mean(sl.ok):.1%}")
         lab_err = np.abs(sl.label - y).max(1)

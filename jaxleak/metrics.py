@@ -47,6 +47,26 @@ def psnr(x: Array, y: Array, data_range: float = 1.0) -> Array:
     return out[0] if single else out
 
 
+def psnr_uint8(x, y) -> np.ndarray:
+    """Paper 2's PSNR (Wang, Liang, He, ICLR 2024; ALGORITHMS.md §4.9(b)), on images in [0, 1].
+
+    Both images are clamped to [0, 1] and truncated to uint8 as ``ToPILImage`` does
+    (``floor(255 v)``), then ``10 log10(256^2 / MSE)`` (skimage with ``data_range=256``).
+    Truncation turns a float-exact reconstruction a hair below an integer level into an
+    off-by-one pixel, which caps this PSNR near 50 dB: the paper's 51 dB. Per image
+    ``(N,)`` (a float for one HWC image), ``inf`` where the quantised images are equal.
+    Host-side numpy in float64, so the quantisation is exact.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim not in (3, 4):
+        raise ValueError(f"psnr_uint8: expected two images (H, W, C) or (N, H, W, C) of one shape, got {x.shape} and {y.shape}")
+    q = lambda a: np.floor(np.clip(a, 0.0, 1.0) * 255)
+    mse = np.mean((q(x) - q(y)) ** 2, axis=(-3, -2, -1))
+    with np.errstate(divide="ignore"):
+        out = 10 * np.log10(256.0**2 / mse)
+    return float(out) if x.ndim == 3 else out
+
+
 def ssim(x: Array, y: Array, data_range: float = 1.0) -> Array:
     """Structural similarity (Wang et al. 2004) via ``dm_pix.ssim`` (11x11 Gaussian window, sigma 1.5).
 

@@ -7,6 +7,7 @@ import pytest
 from skimage.metrics import structural_similarity
 
 import jaxleak as jl
+from jaxleak import metrics
 
 
 def test_mse_and_psnr_against_numpy():
@@ -47,3 +48,20 @@ def test_fidelity_curve_and_label_accuracy():
         jl.label_accuracy(np.array([1]), np.array([1, 2]))
     with pytest.raises(ValueError, match="shapes differ"):
         jl.mse(jnp.zeros((2, 2, 1)), jnp.zeros((2, 3, 1)))
+
+
+def test_psnr_uint8_is_paper_2s_truncated_metric():
+    """floor(255 v) quantisation (ToPILImage), data_range 256: one pixel one level off in an N-pixel image
+    gives 10 log10(256^2 N); a float-exact value a hair below a level lands one level lower."""
+    x = np.full((4, 4, 3), 100.5 / 255)  # level 100
+    y = x.copy()
+    y[0, 0, 0] = 101.5 / 255  # level 101
+    np.testing.assert_allclose(metrics.psnr_uint8(x, y), 10 * np.log10(256.0**2 * 48))
+    assert metrics.psnr_uint8(x, x) == float("inf")
+    hair = np.full((4, 4, 3), (101 - 1e-6) / 255)  # 1e-6/255 below level 101: truncated to 100
+    np.testing.assert_allclose(metrics.psnr_uint8(hair, np.full_like(x, 101.5 / 255)), 10 * np.log10(256.0**2))
+    batch = metrics.psnr_uint8(np.stack([x, x]), np.stack([y, x]))
+    assert batch.shape == (2,) and batch[1] == float("inf")
+    np.testing.assert_allclose(metrics.psnr_uint8(np.full_like(x, 2.0), np.ones_like(x)), np.inf)  # clamped first
+    with pytest.raises(ValueError, match="psnr_uint8"):
+        metrics.psnr_uint8(x, x[:2])
