@@ -146,10 +146,13 @@ gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
 
 
 def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:
-    """Feature-matching term of paper 2 (ALGORITHMS.md §4.9(b)): ``||h - target||^2`` or ``1 - cos(h, target)``."""
-    if distance == "l2":
-        return jnp.sum((h - target) ** 2)
-    return 1.0 - jnp.vdot(h, target) / (jnp.linalg.norm(h) * jnp.linalg.norm(target) + 1e-12)
+    """Feature-matching term of paper 2 (ALGORITHMS.md §4.9(b)): ``||h - target||^2`` or ``1 - cos(h, target)``.
+
+    The same :data:`DISTANCES` as for gradients, applied to the feature vector (a one-leaf pytree).
+    """
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {distance!r}")
+    return DISTANCES[distance](h, target)
 
 
 def matching_objective(
