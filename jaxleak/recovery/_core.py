@@ -164,12 +164,16 @@ def pseudo_label(weight_grad: Array, weight: Array, lam: Array, *, bias: Optiona
     return y, h, p
 
 
-def _precompute(G: Array, W: Array, b: Optional[Array], r: Array):
-    """O(K d) once: ``a = g_r @ W`` and ``c = G^T g_r / |g_r|^2`` so that ``y_hat(u) = softmax(a/u + b) - u c``."""
+def _precompute(G: Array, W: Array, b: Optional[Array], r: Array, c: Optional[Array] = None):
+    """O(K d) once: ``a = g_r @ W`` and ``c = G^T g_r / |g_r|^2`` so that ``y_hat(u) = softmax(a/u + b) - u c``.
+
+    ``c`` may be passed in when already known (the rank-1 fit of :func:`_checks` gives it), saving a pass over ``G``.
+    """
     hi = jax.lax.Precision.HIGHEST  # TF32 on GPUs would perturb the label at the 1e-3 level
     g = G[:, r]
     a = jnp.matmul(g, W, precision=hi)
-    c = jnp.matmul(G.T, g, precision=hi) / (g @ g)
+    if c is None:
+        c = jnp.matmul(G.T, g, precision=hi) / (g @ g)
     b = jnp.zeros_like(a) if b is None else b.astype(a.dtype)
     return g, a, c, b
 

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxleak.recovery._core import (
-    AMBIGUOUS, NO_SOLUTION, OK, SoftLabel, _checks, _flat_valley, _input_reason, _label_at, _objective, _result,
-    _valid,
+    AMBIGUOUS, NO_SOLUTION, OK, SoftLabel, _checks, _flat_valley, _input_reason, _label_at, _objective, _precompute,
+    _result, _valid,
     variance_loss,
 )
 
@@ -114,11 +114,9 @@ def _golden(f, lo, hi, iters):
 
 
 def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
-    reason, r, c = _checks(G, W, b)  # r, c: as _precompute's, without more passes over G
+    reason, r, c = _checks(G, W, b)  # r, c: the rank-1 fit's, so _precompute need not read G again for c
     dtype = G.dtype
-    g = G[:, r]
-    a = jnp.matmul(g, W, precision=jax.lax.Precision.HIGHEST)
-    b = jnp.zeros_like(a) if b is None else b.astype(a.dtype)
+    g, a, c, b = _precompute(G, W, b, r, c)
     # As u -> 0 the candidate tends to a one-hot label and the loss to 0 like u^2 (the spurious minimum
     # at |lam| -> infinity); dividing by u^2 leaves a positive limit there and the true root at 0.
     loss_u = lambda u: _objective(_label_at(u, a, c, b), kind) / (u * u)
