@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxleak import attacks, lbfgs, models, victims
+from jaxleak import attacks, lbfgs, models
 
 SHAPE = (8, 8, 1)
 K = 10  # SHAPE and K are those of the `tiny` fixture (conftest.py)
