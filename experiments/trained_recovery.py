@@ -1,7 +1,7 @@
 """Soft-label recovery on *trained* victims (T7, T12, T13 of ALGORITHMS.md §8).
 
 Loads the checkpoints of ``experiments/train_victims.py`` and measures, on the
-held-out CIFAR-10 subset images (the 400-image test split, 40 per class):
+held-out images of each training set (CIFAR-10: the 400-image test split, 40 per class):
 
 * T7  — mixup on the trained LeNet: the 45 class pairs x ``per_pair`` (paper: 20)
   draws, mu ~ U(0, 1), both ``soft_label`` search modes (robust; paper L-BFGS
@@ -11,6 +11,10 @@ held-out CIFAR-10 subset images (the 400-image test split, 40 per class):
 * T12 — the lambda landscape ``L(lam)`` (c = 1) on the trained ResNet18: how often
   it has a spurious local minimum (and where), plotted for one sample.
 * (extra) mixup on the mixup-trained ResNet18, same protocol as T7.
+* Flowers-17 (paper 2's AlexNet and CIFAR ResNet18, trained with smoothing and with
+  mixup on the 64x64 set, §5.3): the same two protocols on the 340 held-out
+  images (20 per class): 136 class pairs x ``per_pair`` mixup draws, 17 classes x
+  ``per_class`` smoothing draws.
 * T13 — the iDLG rule (argmin of the head-gradient column sums) with soft labels,
   trained vs untrained networks: how often it misses the dominant class.
 
@@ -24,6 +28,7 @@ as ``outer(h, softmax(z) - y)`` from one forward pass (checked against the full
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import sys
@@ -40,14 +45,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CKPT = REPO / "results" / "checkpoints"
 SEED = 2023
 COEF = {"smoothing": 4.0, "mixup": 2.0}
+#: (training set, network, training regime, soft-label kind attacked): paper 2's trained victims (§5.3).
+CASES = [("cifar10", "lenet", "mixup", "mixup"), ("cifar10", "resnet18", "smoothing", "smoothing"),
+         ("cifar10", "resnet18", "mixup", "mixup"),
+         ("flowers17", "alexnet", "smoothing", "smoothing"), ("flowers17", "alexnet", "mixup", "mixup"),
+         ("flowers17", "resnet18", "smoothing", "smoothing"), ("flowers17", "resnet18", "mixup", "mixup")]
 
 
 def _build(model_name: str, k: int):
+    if model_name == "alexnet":
+        return models.AlexNet(k)
     return models.LeNet(num_classes=k, head_bias=False) if model_name == "lenet" else models.ResNet18(k, stem="cifar")
 
 
-def load_victim(model_name: str, regime: str, ckpt_dir=CKPT):
-    variables, recipe = train.load_checkpoint(pathlib.Path(ckpt_dir) / f"{model_name}_{regime}_cifar10.msgpack")
+def load_victim(model_name: str, regime: str, ckpt_dir=CKPT, dataset: str = "cifar10"):
+    variables, recipe = train.load_checkpoint(pathlib.Path(ckpt_dir) / f"{model_name}_{regime}_{dataset}.msgpack")
     return _build(model_name, recipe["num_classes"]), variables, recipe
 
 
@@ -126,18 +138,18 @@ def _test_split(recipe, ds):
     return x[te], np.asarray(ds.labels)[te]
 
 
-def mixup_victims(x, cls, per_pair, rng_seed=SEED):
-    a, b = data.mixup_pairs(cls, 10, per_pair, rng_seed)
+def mixup_victims(x, cls, per_pair, rng_seed=SEED, num_classes=10):
+    a, b = data.mixup_pairs(cls, num_classes, per_pair, rng_seed)
     mu = np.random.default_rng(rng_seed).uniform(0, 1, len(a)).astype(np.float32)
-    onehot = np.eye(10, dtype=np.float32)
+    onehot = np.eye(num_classes, dtype=np.float32)
     xm, ym = labels.mixup(x[a], x[b], onehot[cls[a]], onehot[cls[b]], mu)
     return np.asarray(xm), np.asarray(ym)
 
 
-def smoothing_victims(x, cls, per_class, rng_seed=SEED):
+def smoothing_victims(x, cls, per_class, rng_seed=SEED, num_classes=10):
     idx = data.sample_per_class(cls, per_class, rng_seed)
     eps = np.random.default_rng(rng_seed).uniform(0, 0.5, len(idx)).astype(np.float32)
-    return x[idx], np.asarray(labels.smooth(jnp.asarray(cls[idx]), 10, jnp.asarray(eps)))
+    return x[idx], np.asarray(labels.smooth(jnp.asarray(cls[idx]), num_classes, jnp.asarray(eps)))
 
 
 def recover(G, W, kind, searches, log):
@@ -159,8 +171,8 @@ def idlg_rate(G, y) -> dict:
 
 
 def untrained_like(model, variables, model_name, seed=0):
-    """The same architecture untrained with paper 2's inits (LeNet U(-0.5, 0.5); ResNet torchvision), BN stats 0/1."""
-    init = models.init_uniform if model_name == "lenet" else models.init_torch_resnet
+    """The same architecture untrained with paper 2's inits (LeNet, AlexNet U(-0.5, 0.5); ResNet torchvision), BN stats 0/1."""
+    init = models.init_torch_resnet if model_name == "resnet18" else models.init_uniform
     fresh = {**variables, "params": init(variables["params"], jax.random.PRNGKey(seed))}
     if "batch_stats" in variables:
         fresh["batch_stats"] = jax.tree_util.tree_map_with_path(
@@ -174,24 +186,36 @@ def run(out="results/trained_recovery", quick=False, *, per_pair=20, per_class=1
     out = report.ensure_writable(out)
     if quick:
         per_pair, per_class = 2, 5
-    ds = data.load("cifar10", npz_dir=npz_dir, source="npz")
     results = {"config": {"per_pair": per_pair, "per_class": per_class, "searches": list(searches), "seed": SEED,
-                          "images": "held-out split of cifar10_subset (40/class)", "coefficients": COEF}}
-    cases = [("lenet", "mixup", "mixup"), ("resnet18", "smoothing", "smoothing"), ("resnet18", "mixup", "mixup")]
-    for model_name, regime, kind in cases:
+                          "images": "held-out split of each training set (cifar10_subset 40/class, flowers17_64 20/class)",
+                          "coefficients": COEF}}
+    previous = _previous(out, results["config"])
+    loaded = {}
+    for dataset, model_name, regime, kind in CASES:
+        name = f"{model_name}_{regime}" + ("" if dataset == "cifar10" else f"_{dataset}")
         try:
-            model, variables, recipe = load_victim(model_name, regime, ckpt_dir)
+            model, variables, recipe = load_victim(model_name, regime, ckpt_dir, dataset)
         except FileNotFoundError as e:
-            log(f"skipping {model_name}/{regime}: {e}")
+            log(f"skipping {model_name}/{regime}/{dataset}: {e}")
             continue
-        x, cls = _test_split(recipe, ds)
-        xv, yv = (mixup_victims(x, cls, per_pair) if kind == "mixup" else smoothing_victims(x, cls, per_class))
+        checkpoint = {k: recipe.get(k) for k in ("test_accuracy", "epochs_done", "optimizer", "label_regime", "input_shape")}
+        if previous.get(name, {}).get("checkpoint") == checkpoint:
+            results[name] = previous[name]
+            log(f"{name}: already in {out / 'results.json'} for this checkpoint, kept")
+            continue
+        size = tuple(recipe.get("input_shape", ())[:2]) or None  # the victim is attacked at its training size
+        if (dataset, size) not in loaded:
+            loaded[dataset, size] = data.load(dataset, npz_dir=npz_dir, source="npz", size=size)
+        x, cls = _test_split(recipe, loaded[dataset, size])
+        k = recipe["num_classes"]
+        xv, yv = (mixup_victims(x, cls, per_pair, num_classes=k) if kind == "mixup"
+                  else smoothing_victims(x, cls, per_class, num_classes=k))
         G, h, p = head_gradients(model, variables, xv, yv)
         _check_head_gradient(model, variables, xv, yv, G)
         W, _ = models.last_layer(variables)
-        log(f"{model_name} ({regime}-trained, test acc {recipe['test_accuracy']:.3f}): {len(yv)} {kind} victims")
-        entry = {"checkpoint": {k: recipe[k] for k in ("test_accuracy", "epochs_done", "optimizer", "label_regime")},
-                 "victims": len(yv)}
+        log(f"{model_name} on {dataset} ({regime}-trained, test acc {recipe['test_accuracy']:.3f}): {len(yv)} {kind} victims")
+        entry = {"dataset": dataset, "model": model_name, "kind": kind, "image_size": list(x.shape[1:3]),
+                 "checkpoint": checkpoint, "victims": len(yv)}
         for search, (sl, secs) in recover(G, W, kind, searches, log).items():
             entry[search] = {**score(jax.device_get(sl), yv, p, kind), "seconds": secs}
             log(f"  {search}: {entry[search]}")
@@ -200,13 +224,48 @@ def run(out="results/trained_recovery", quick=False, *, per_pair=20, per_class=1
         Gu, _, _ = head_gradients(model, fresh, xv, yv)
         entry["idlg_rowsum_accuracy"] = {"trained": idlg_rate(G, yv), "untrained": idlg_rate(Gu, yv)}
         log(f"  iDLG rule: {entry['idlg_rowsum_accuracy']}")
-        if model_name == "resnet18" and kind == "smoothing":
+        if (dataset, model_name, kind) == ("cifar10", "resnet18", "smoothing"):
             entry["landscape"] = _landscape(out, G, W, p, yv, log)
-        results[f"{model_name}_{regime}"] = entry
+        results[name] = entry
+        _write(out, results, t0)  # after every case: an interrupted run keeps what it finished
+    _write(out, results, t0)
+    log(f"wrote {out / 'results.json'} and results.md ({results['seconds']:.0f}s)")
+    return results
+
+
+def _previous(out: pathlib.Path, config: dict) -> dict:
+    """The cases of an earlier run into ``out`` with the same ``config`` (resume), else ``{}``."""
+    path = pathlib.Path(out) / "results.json"
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    return doc.get("summary", {}) if doc.get("config") == report._jsonable(config) else {}
+
+
+def _write(out: pathlib.Path, results: dict, t0: float) -> None:
     results["seconds"] = time.time() - t0
     report.write_results(out, results["config"], {k: v for k, v in results.items() if k != "config"}, [])
-    log(f"wrote {out / 'results.json'} ({results['seconds']:.0f}s)")
-    return results
+    (pathlib.Path(out) / "results.md").write_text(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """One row per trained victim network: recovery by both searches (paper criterion / max-abs / swarm) and T13."""
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f} %"
+    rows = ["| network (training set, regime) | test acc | victims | robust: paper crit. / maxabs | "
+            "paper mode: paper crit. / maxabs / swarm | iDLG rule, dominant class: trained / untrained |",
+            "|---|---|---|---|---|---|"]
+    for name, e in results.items():
+        if not isinstance(e, dict) or "checkpoint" not in e:
+            continue
+        rb, pm = e.get("robust", {}), e.get("paper", {})
+        idlg = e["idlg_rowsum_accuracy"]
+        size = "x".join(map(str, e.get("image_size", ())))
+        rows.append(f"| {e.get('model', name)} ({e.get('dataset', 'cifar10')} {size}, {e['checkpoint']['label_regime']}) | "
+                    f"{pct(e['checkpoint']['test_accuracy'])} | {e['victims']} | "
+                    f"{pct(rb.get('paper_criterion'))} / {pct(rb.get('label_maxabs_lt_1e-3'))} | "
+                    f"{pct(pm.get('paper_criterion'))} / {pct(pm.get('label_maxabs_lt_1e-3'))} / {pm.get('swarm_used', '—')} | "
+                    f"{pct(idlg['trained']['dominant'])} / {pct(idlg['untrained']['dominant'])} |")
+    return "\n".join(rows) + "\n"
 
 
 def _landscape(out, G, W, p, y, log, n_max=200):
@@ -263,7 +322,8 @@ def main(argv=None) -> int:
     p.add_argument("--per-pair", type=int, default=20, help="mixup victims per class pair (the paper: 20)")
     p.add_argument("--per-class", type=int, default=100, help="smoothing victims per class (the paper: 100)")
     p.add_argument("--searches", nargs="+", default=["robust", "paper"], choices=["robust", "paper"], help="soft-label searches to run")
-    p.add_argument("--npz-dir", default=None, help="folder of cifar10_subset.npz (default $JAXLEAK_DATA, else ../shared/data)")
+    p.add_argument("--npz-dir", default=None,
+                   help="folder of cifar10_subset.npz and flowers17_64.npz (default $JAXLEAK_DATA, else ../shared/data)")
     from jaxleak.cli import ScriptOutput, add_output_flags
 
     add_output_flags(p)
