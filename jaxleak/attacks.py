@@ -64,9 +64,21 @@ class AttackConfig:
         ``"optax_lbfgs"`` (optax's L-BFGS with zoom line search) or ``"adam"``.
       steps: outer steps (``torch.optim.LBFGS.step`` calls, or optimiser updates).
       lbfgs: the PyTorch L-BFGS hyper-parameters.
+      lbfgs_milestones: a MultiStep schedule of the PyTorch L-BFGS learning rate
+        (``optimizer="torch_lbfgs"`` only), as fractions in (0, 1) of ``steps``
+        applied with ``gamma``, the same convention as Adam's ``milestones``.
+        PyTorch's ``MultiStepLR`` stepped after every ``optimizer.step()``
+        (paper 2's ``l2`` cost: lr 1, x0.1 at steps 112/187/262 of 300,
+        ALGORITHMS.md §4.9(b)): outer step ``i`` (0-based) runs with
+        ``lbfgs.lr * gamma ** #{m : round(m * steps) <= i}``
+        (:func:`lbfgs_learning_rates`); the curvature history persists across
+        the change. ``(3/8, 5/8, 7/8)`` gives steps 112/188/262 of 300
+        (``187 / 300`` for the paper's exact second one). ``()`` (default): a
+        constant ``lbfgs.lr``, as DLG/iDLG.
       memory_size: optax L-BFGS history.
       lr, milestones, gamma: Adam's step size and its MultiStep schedule
-        (milestones as fractions of ``steps``; IG: it/2.667, it/1.6, it/1.142).
+        (milestones as fractions of ``steps``, at step ``round(m * steps)``; IG:
+        it/2.667, it/1.6, it/1.142). ``gamma`` also scales ``lbfgs_milestones``.
       signed: Adam on the sign of the gradient (Inverting Gradients' option).
       tv: weight of ``jaxleak.objectives.total_variation``.
       box: clamp ``x'`` to ``(lo, hi)`` after every Adam update (``None``: no box).
@@ -105,6 +117,7 @@ class AttackConfig:
     snapshot_every: int = 10
     precision: Optional[str] = "highest"
     feature_weight: float = 0.0
+    lbfgs_milestones: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
@@ -120,6 +133,12 @@ class AttackConfig:
             raise ValueError(f"box must be (lo, hi) with lo < hi, got {self.box}")
         if not self.feature_weight >= 0:
             raise ValueError(f"feature_weight must be >= 0, got {self.feature_weight}")
+        if not all(0 < m < 1 for m in self.lbfgs_milestones):
+            raise ValueError(f"lbfgs_milestones must be fractions of steps in (0, 1), got {self.lbfgs_milestones}")
+        if self.lbfgs_milestones and self.optimizer != "torch_lbfgs":
+            raise ValueError(f"lbfgs_milestones schedule optimizer='torch_lbfgs' only, got optimizer={self.optimizer!r}")
+        if self.lbfgs_milestones and not self.gamma > 0:
+            raise ValueError(f"gamma must be > 0 with lbfgs_milestones, got {self.gamma}")
 
 
 #: DLG/iDLG as published: L2, PyTorch L-BFGS(lr 1), 300 steps, stop at 1e-6 (checked every 10).
@@ -154,6 +173,22 @@ class AttackResult(NamedTuple):
 # --------------------------------------------------------------------------
 
 
+def lbfgs_learning_rates(config: AttackConfig) -> np.ndarray:
+    """The learning rate of each outer PyTorch L-BFGS step, ``(steps,)`` float64.
+
+    ``torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma)`` with
+    ``scheduler.step()`` after every ``opt.step(closure)``, as in paper 2's
+    reconstruction loop (ALGORITHMS.md §4.9(b)): at outer step ``i`` (0-based)
+    the scheduler has stepped ``i`` times, so the lr is ``lbfgs.lr`` times
+    ``gamma`` once per milestone ``round(m * steps) <= i`` (``m`` in
+    ``lbfgs_milestones``), multiplied in as PyTorch does. Constant without milestones.
+    """
+    lr = np.full(config.steps, config.lbfgs.lr, np.float64)
+    for m in config.lbfgs_milestones:
+        lr[int(round(m * config.steps)):] *= config.gamma
+    return lr
+
+
 def _snapshot_slots(config: AttackConfig) -> int:
     return config.steps // config.snapshot_every + 1
 
@@ -170,6 +205,8 @@ def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: A
     flat0, unravel = ravel_pytree(z0)
     vg = jax.value_and_grad(lambda f: objective(unravel(f)))
     cfg = config.lbfgs
+    # None keeps the constant cfg.lr (the unscheduled program, unchanged); else one lr per outer step.
+    lrs = jnp.asarray(lbfgs_learning_rates(config), flat0.dtype) if config.lbfgs_milestones else None
     hist0 = jnp.full((config.steps,), jnp.nan, flat0.dtype)
     snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), flat0.dtype)
 
@@ -187,7 +224,8 @@ def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: A
             lambda s: s,
             snaps,
         )
-        state = lax.cond(converged, lambda s: s, lambda s: _lbfgs.update(s, vg, cfg, loss, g)[0], state)
+        lr = None if lrs is None else lrs[i]
+        state = lax.cond(converged, lambda s: s, lambda s: _lbfgs.update(s, vg, cfg, loss, g, lr)[0], state)
         return jnp.where(converged, i, i + 1), state, converged, hist, snaps
 
     i, state, done, hist, snaps = lax.while_loop(

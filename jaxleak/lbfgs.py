@@ -6,7 +6,9 @@ search, up to ``max_iter`` inner iterations per ``step`` call, a curvature
 history that persists across calls, and a set of early-exit tolerances
 (ALGORITHMS.md §2.3). optax's ``lbfgs`` uses a zoom line search and behaves
 differently (JAX_NOTES.md, "Gradient matching"), so this module ports the
-PyTorch rules one for one on a flat parameter vector ``x`` ``(n,)``.
+PyTorch rules one for one on a flat parameter vector ``x`` ``(n,)``. A
+learning-rate scheduler (paper 2 runs ``MultiStepLR`` on top, ALGORITHMS.md
+§4.9(b)) is the ``lr`` argument of :func:`update`, one value per ``step`` call.
 
 Every early exit of PyTorch's inner loop is a boolean in a ``lax.while_loop``
 carry, so one call is ``jit``-able and ``vmap``-able over victims: under
@@ -200,6 +202,7 @@ def update(
     config: TorchLBFGSConfig = TorchLBFGSConfig(),
     value: Optional[Array] = None,
     grad: Optional[Array] = None,
+    lr: Optional[Array] = None,
 ) -> tuple[TorchLBFGSState, Array]:
     """One ``torch.optim.LBFGS.step`` (ALGORITHMS.md §2.3): up to ``max_iter`` fixed-step iterations.
 
@@ -209,6 +212,13 @@ def update(
       config: hyper-parameters.
       value, grad: the closure evaluated at ``state.x`` if the caller already
         has it (saves the first evaluation, which PyTorch always makes).
+      lr: this step's learning rate (a scalar, may be traced), overriding
+        ``config.lr``: PyTorch's ``group['lr']`` as a scheduler such as
+        ``MultiStepLR`` sets it between ``step`` calls. It gives the step size
+        (``min(1, 1/|g|_1) lr`` at the optimiser's very first iteration, ``lr``
+        afterwards); the history, ``d`` and ``t`` persist across calls as in
+        PyTorch, so the first curvature pair of a step uses the previous step's
+        ``t``. It must be > 0 (not checked under ``jit``). ``None``: ``config.lr``.
 
     Returns:
       ``(new_state, loss at the start of the step)``, as PyTorch's ``step``
@@ -220,6 +230,7 @@ def update(
         value, grad = value_and_grad(state.x)
     value = jnp.asarray(value, state.x.dtype)
     loss0 = value
+    lr = cfg.lr if lr is None else jnp.asarray(lr, state.x.dtype)
     first_opt = jnp.max(jnp.abs(grad)) <= cfg.tolerance_grad
     compact = _direction(cfg) == "compact"
 
@@ -258,7 +269,7 @@ def update(
         else:
             d = jnp.where(first, -g, two_loop(g, s_hist, y_hist, rho, head, count, h_diag))
         prev_grad, prev_loss = g, c["loss"]
-        t = jnp.where(first, jnp.minimum(1.0, 1.0 / jnp.sum(jnp.abs(g))) * cfg.lr, cfg.lr).astype(g.dtype)
+        t = jnp.where(first, jnp.minimum(1.0, 1.0 / jnp.sum(jnp.abs(g))) * lr, lr).astype(g.dtype)
         gtd = jnp.vdot(g, d)
         not_descent = gtd > -cfg.tolerance_change
         x = jnp.where(not_descent, c["x"], c["x"] + t * d)
@@ -296,8 +307,8 @@ def update(
 
 
 def torch_lbfgs(config: TorchLBFGSConfig = TorchLBFGSConfig()) -> TorchLBFGS:
-    """``(init, update)`` closed over ``config``: ``update(state, value_and_grad, value=None, grad=None)``."""
+    """``(init, update)`` closed over ``config``: ``update(state, value_and_grad, value=None, grad=None, lr=None)``."""
     return TorchLBFGS(
         init=lambda x0: init(x0, config),
-        update=lambda state, vg, value=None, grad=None: update(state, vg, config, value, grad),
+        update=lambda state, vg, value=None, grad=None, lr=None: update(state, vg, config, value, grad, lr),
     )

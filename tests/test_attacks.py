@@ -160,3 +160,102 @@ def test_keep_best_picks_the_lowest_finite_iterate():
     assert float(loss) == 1.0 and np.all(np.asarray(x) == 7.0)  # the final iterate when it is the best
     x, loss = jax.jit(attacks.keep_best, static_argnums=1)(res._replace(loss_history=jnp.full(steps, jnp.nan)), e)
     assert np.isinf(float(loss))  # nothing finite
+
+
+# ---------------------------------------------------------------- the PyTorch L-BFGS learning-rate schedule
+
+
+def _bowl(n=6, seed=2):
+    """A non-negative quartic bowl (the attack's objective signature: a function of ``z = {"x": (n, 1, 1)}``)."""
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(n, n))
+    a, c = q @ q.T / n + 0.2 * np.eye(n), rng.normal(size=n)
+    x0 = c + 2 * rng.normal(size=n)
+
+    def f(x):
+        e = x.reshape(-1) - jnp.asarray(c)
+        return 0.5 * e @ jnp.asarray(a) @ e + 0.1 * jnp.sum(e**4)
+
+    return (lambda z: f(z["x"])), {"x": jnp.asarray(x0).reshape(n, 1, 1)}, (a, c, x0)
+
+
+def _lbfgs_cfg(steps, max_iter, **kw):
+    return attacks.AttackConfig(steps=steps, lbfgs=lbfgs.TorchLBFGSConfig(max_iter=max_iter, history_size=4), stop_loss=0.0,
+                                snapshot_every=1, **kw)
+
+
+def test_lbfgs_learning_rates_follow_multisteplr():
+    """Paper 2's schedule: lr 1, x0.1 once outer step i reaches each milestone round(m * steps) (MultiStepLR after step)."""
+    lr = attacks.lbfgs_learning_rates(attacks.AttackConfig(lbfgs_milestones=(3 / 8, 5 / 8, 7 / 8)))
+    assert lr.shape == (300,)
+    assert lr[0] == lr[111] == 1.0 and lr[112] == lr[187] == 0.1
+    np.testing.assert_allclose([lr[188], lr[261], lr[262], lr[299]], [0.01, 0.01, 0.001, 0.001], rtol=1e-15)
+    np.testing.assert_array_equal(attacks.lbfgs_learning_rates(attacks.PAPER), np.ones(300))
+
+
+def test_no_lbfgs_milestones_is_the_unscheduled_update():
+    """Without milestones the attack loop is lbfgs.update without an lr (the config's), step after step."""
+    cfg = _lbfgs_cfg(5, 3)
+    with jax.enable_x64(True):
+        objective, z0, _ = _bowl()
+        z, *_, snaps = attacks._run_torch_lbfgs(objective, z0, cfg)
+        vg = jax.value_and_grad(lambda x: objective({"x": x.reshape(-1, 1, 1)}))
+        state = lbfgs.init(z0["x"].reshape(-1), cfg.lbfgs)
+        for i in range(cfg.steps):
+            np.testing.assert_allclose(snaps[i].reshape(-1), state.x, rtol=1e-13, atol=1e-14)
+            state, _ = lbfgs.update(state, vg, cfg.lbfgs)
+        np.testing.assert_allclose(z["x"].reshape(-1), state.x, rtol=1e-13, atol=1e-14)
+        # A schedule that never changes the lr (gamma 1) runs the traced-lr path to the same bits.
+        flat = attacks._run_torch_lbfgs(objective, z0, dataclasses.replace(cfg, lbfgs_milestones=(0.4,), gamma=1.0))
+        np.testing.assert_array_equal(flat[-1], snaps)
+
+
+def test_lbfgs_milestone_scales_the_step_by_gamma():
+    """One iteration per step: identical iterates up to the milestone, then a step gamma times the unscheduled one."""
+    cfg = _lbfgs_cfg(6, 1)
+    with jax.enable_x64(True):
+        objective, z0, _ = _bowl()
+        plain = np.asarray(attacks._run_torch_lbfgs(objective, z0, cfg)[-1]).reshape(7, -1)
+        sched = np.asarray(attacks._run_torch_lbfgs(objective, z0, dataclasses.replace(cfg, lbfgs_milestones=(0.5,), gamma=0.1))[-1]).reshape(7, -1)
+    # Snapshot j is x' before step j; the milestone round(0.5 * 6) = 3 first applies at step 3.
+    np.testing.assert_array_equal(sched[:4], plain[:4])
+    np.testing.assert_allclose(sched[4] - sched[3], 0.1 * (plain[4] - plain[3]), rtol=1e-10, atol=1e-14)
+    assert np.max(np.abs(plain[4] - plain[3])) > 1e-3
+
+
+def test_lbfgs_milestones_match_torch_multisteplr():
+    torch = pytest.importorskip("torch", reason="the optional 'bench' extra (torch) is not installed")
+    a, c, x0 = _bowl()[2]
+    cfg = _lbfgs_cfg(8, 3, lbfgs_milestones=(0.25, 0.5, 0.75), gamma=0.1)
+    xt = torch.tensor(x0.copy(), requires_grad=True)
+    opt = torch.optim.LBFGS([xt], lr=cfg.lbfgs.lr, max_iter=cfg.lbfgs.max_iter, history_size=cfg.lbfgs.history_size)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2, 4, 6], gamma=cfg.gamma)
+    at, ct = torch.tensor(a), torch.tensor(c)
+
+    def closure():
+        opt.zero_grad()
+        e = xt - ct
+        loss = 0.5 * e @ at @ e + 0.1 * torch.sum(e**4)
+        loss.backward()
+        return loss
+
+    before = []
+    for _ in range(cfg.steps):  # paper 2's loop: scheduler.step() after every optimizer.step()
+        before.append(xt.detach().numpy().copy())
+        opt.step(closure)
+        sched.step()
+    with jax.enable_x64(True):
+        objective, z0, _ = _bowl()
+        z, *_, snaps = attacks._run_torch_lbfgs(objective, z0, cfg)
+        np.testing.assert_allclose(np.asarray(snaps[: cfg.steps]).reshape(cfg.steps, -1), np.stack(before), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(z["x"]).reshape(-1), xt.detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_bad_lbfgs_milestones():
+    for bad in [(0.0,), (1.0,), (0.5, 1.5), (-0.1,), (float("nan"),)]:
+        with pytest.raises(ValueError, match="lbfgs_milestones must be fractions of steps in \\(0, 1\\)"):
+            attacks.AttackConfig(lbfgs_milestones=bad)
+    with pytest.raises(ValueError, match="optimizer='torch_lbfgs' only"):
+        attacks.AttackConfig(optimizer="adam", lbfgs_milestones=(0.5,))
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        attacks.AttackConfig(lbfgs_milestones=(0.5,), gamma=0.0)

@@ -202,3 +202,110 @@ def test_bad_input():
         lbfgs.init(jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="history_size"):
         lbfgs.TorchLBFGSConfig(history_size=0)
+
+
+# ---------------------------------------------------------------- a per-step learning rate (LR schedules)
+
+
+def _torch_lbfgs_reference(value_and_grad, x0, lrs, max_iter, max_eval, history_size=100, tolerance_grad=1e-7,
+                           tolerance_change=1e-9):
+    """``torch.optim.LBFGS`` (no line search) written out in numpy, ``group['lr'] = lrs[k]`` for the k-th ``step``.
+
+    An independent transcription of PyTorch's ``lbfgs.py`` (ALGORITHMS.md §2.3): the state (``d``, ``t``,
+    history, ``H_diag``, previous gradient and loss, ``n_iter``) persists across ``step`` calls, as it does
+    when a scheduler changes the learning rate between them. Returns the iterate after every step,
+    ``func_evals`` and ``n_iter``.
+    """
+    x = np.array(x0, dtype=np.float64)
+    n_iter, func_evals, d, t, prev_g, prev_loss = 0, 0, None, None, None, None
+    old_dirs, old_stps, ro, h_diag = [], [], [], 1.0
+    xs = []
+    for lr in lrs:
+        loss, g = value_and_grad(x)
+        func_evals += 1
+        current_evals = 1
+        if np.max(np.abs(g)) <= tolerance_grad:
+            xs.append(x.copy())
+            continue
+        k = 0
+        while k < max_iter:
+            k += 1
+            n_iter += 1
+            if n_iter == 1:
+                d, old_dirs, old_stps, ro, h_diag = -g, [], [], [], 1.0
+            else:
+                y, s = g - prev_g, d * t
+                ys = y @ s
+                if ys > 1e-10:
+                    if len(old_dirs) == history_size:
+                        old_dirs.pop(0), old_stps.pop(0), ro.pop(0)
+                    old_dirs.append(y), old_stps.append(s), ro.append(1.0 / ys)
+                    h_diag = ys / (y @ y)
+                q, al = -g, [0.0] * len(old_dirs)
+                for i in reversed(range(len(old_dirs))):
+                    al[i] = (old_stps[i] @ q) * ro[i]
+                    q = q - al[i] * old_dirs[i]
+                d = q * h_diag
+                for i in range(len(old_dirs)):
+                    d = d + old_stps[i] * (al[i] - (old_dirs[i] @ d) * ro[i])
+            prev_g, prev_loss = g.copy(), loss
+            t = min(1.0, 1.0 / np.sum(np.abs(g))) * lr if n_iter == 1 else lr
+            if g @ d > -tolerance_change:
+                break
+            x = x + t * d
+            opt_cond = False
+            if k != max_iter:
+                loss, g = value_and_grad(x)
+                func_evals += 1
+                current_evals += 1
+                opt_cond = np.max(np.abs(g)) <= tolerance_grad
+            if k == max_iter or current_evals >= max_eval or opt_cond:
+                break
+            if np.max(np.abs(d * t)) <= tolerance_change or abs(loss - prev_loss) < tolerance_change:
+                break
+        xs.append(x.copy())
+    return xs, func_evals, n_iter
+
+
+def _quartic(a, c):
+    return lambda x: 0.5 * (x - c) @ a @ (x - c) + 0.1 * jnp.sum((x - c) ** 4)
+
+
+def test_lr_argument_defaults_to_the_config():
+    """``lr=None`` is ``config.lr``; an explicit ``lr`` equal to it, or to another config's, changes nothing (bitwise)."""
+    with jax.enable_x64(True):
+        vg = jax.value_and_grad(_quartic(jnp.diag(jnp.array([1.0, 2.0, 5.0])), jnp.array([0.5, -1.0, 2.0])))
+        runs = {}
+        for name, cfg, lr in [("default", lbfgs.TorchLBFGSConfig(max_iter=4), None),
+                              ("explicit", lbfgs.TorchLBFGSConfig(max_iter=4), jnp.asarray(1.0)),
+                              ("half_cfg", lbfgs.TorchLBFGSConfig(max_iter=4, lr=0.5), None),
+                              ("half_arg", lbfgs.TorchLBFGSConfig(max_iter=4), 0.5)]:
+            state = lbfgs.init(jnp.zeros(3), cfg)
+            for _ in range(3):
+                state, _ = lbfgs.update(state, vg, cfg, lr=lr)
+            runs[name] = np.asarray(state.x)
+        np.testing.assert_array_equal(runs["explicit"], runs["default"])
+        np.testing.assert_array_equal(runs["half_arg"], runs["half_cfg"])
+        assert not np.array_equal(runs["half_arg"], runs["default"])
+
+
+def test_per_step_lr_matches_the_torch_rule():
+    """A learning rate changed between step calls (MultiStepLR) follows PyTorch: history, d and t persist."""
+    rng = np.random.default_rng(5)
+    n = 6
+    q = rng.normal(size=(n, n))
+    a, c = q @ q.T / n + 0.2 * np.eye(n), rng.normal(size=n)
+    x0 = c + 2 * rng.normal(size=n)
+    lrs = [1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    cfg = lbfgs.TorchLBFGSConfig(max_iter=3, history_size=4)
+    with jax.enable_x64(True):
+        vg = jax.value_and_grad(_quartic(jnp.asarray(a), jnp.asarray(c)))
+        ref_vg = lambda x: tuple(np.asarray(v) for v in vg(jnp.asarray(x)))
+        ref, ref_evals, ref_iter = _torch_lbfgs_reference(ref_vg, x0, lrs, cfg.max_iter, cfg.eval_budget, cfg.history_size)
+        step = jax.jit(lambda s, lr: lbfgs.update(s, vg, cfg, lr=lr)[0])
+        state = lbfgs.init(jnp.asarray(x0), cfg)
+        for k, lr in enumerate(lrs):
+            state = step(state, lr)
+            np.testing.assert_allclose(np.asarray(state.x), ref[k], rtol=1e-10, atol=1e-12, err_msg=f"step {k}")
+        assert int(state.func_evals) == ref_evals and int(state.n_iter) == ref_iter
+        assert not np.allclose(ref[-1], _torch_lbfgs_reference(ref_vg, x0, [1.0] * 6, 3, cfg.eval_budget, 4)[0][-1])
