@@ -9,7 +9,8 @@ the dummy gradient lies from it (ALGORITHMS.md §2.1, §4.9(b)):
   (Geiping et al. 2020, eq. 4).
 * :func:`feature_distance`: matching the last-layer input against a recovered feature
   (Wang, Liang, He, ICLR 2024; ALGORITHMS.md §4.9(b)).
-* :func:`gradient_distance`: a distance of the dummy gradient, with a reverse-over-forward VJP.
+* :func:`gradient_distance`: a distance of the dummy gradient, with a reverse-over-forward VJP;
+  :func:`gradient_distance_and_feature` also returns the last-layer input ``h(x')`` of the same forward pass.
 * :func:`matching_objective`: all of it as one function of ``z``, what ``jaxleak.attacks`` optimises.
 
 Everything is a pure function that works under ``jit`` and ``vmap``; how the objective is
@@ -145,6 +146,57 @@ def _gradient_distance_bwd(apply_fn, distance, soft, res, ct):
 gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
 
 
+def _dummy_loss_and_feature(apply_fn, soft, params, rest, z, label):
+    """``(CE(f(x'), y'), h(x'))`` from one ``apply_fn(..., return_feature=True)`` forward pass."""
+    y = jax.nn.softmax(z["v"]) if soft else label
+    logits, h = apply_fn(params if rest is None else {**rest, "params": params}, z["x"][None], return_feature=True)
+    if logits.shape[-1] != y.shape[-1]:
+        raise ValueError(f"y has {y.shape[-1]} classes but the model outputs {logits.shape[-1]} logits")
+    return _victims.cross_entropy(logits[0], y), h[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target_grads, weights, label):
+    """``(gradient_distance(...), h(x'))``: the distance and the last-layer input ``h(x')`` ``(d,)``, one forward pass.
+
+    Paper 2's feature matching (Wang, Liang, He, ICLR 2024; ALGORITHMS.md
+    §4.9(b)) needs ``h(x')`` next to the dummy gradient; the forward pass that
+    gives ``grad_theta CE`` gives it too (``apply_fn(..., return_feature=True)``,
+    ``jax.grad(..., has_aux=True)``). Arguments as :func:`gradient_distance`.
+    With cotangents ``(c, c_h)`` the VJP is ``grad_z [c jvp_theta CE[dD/dG] +
+    <c_h, h>]``, one reverse pass over one reverse-over-forward function, so a
+    feature term costs no extra forward or backward pass of the network.
+    Only ``z`` is differentiable.
+    """
+    return _gradient_distance_and_feature_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label)[0]
+
+
+def _gradient_distance_and_feature_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label):
+    params, rest = _split_variables(variables)
+    grads, h = jax.grad(_dummy_loss_and_feature, argnums=2, has_aux=True)(apply_fn, soft, params, rest, z, label)
+    value, d_grads = jax.value_and_grad(lambda g: distance(g, target_grads, weights))(grads)
+    return (value, h), (z, variables, target_grads, weights, label, d_grads)
+
+
+def _gradient_distance_and_feature_bwd(apply_fn, distance, soft, res, cts):
+    z, variables, target_grads, weights, label, d_grads = res
+    ct, ct_h = cts
+    params, rest = _split_variables(variables)
+
+    def scalarised(zz):  # c <G(zz), dD/dG> + <c_h, h(zz)>: the primal h and the tangent from one jvp
+        (_, h), (directional, _) = jax.jvp(
+            lambda p: _dummy_loss_and_feature(apply_fn, soft, p, rest, zz, label), (params,), (d_grads,)
+        )
+        return ct * directional + jnp.vdot(ct_h, h)
+
+    gz = jax.grad(scalarised)(z)
+    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    return gz, zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
+
+
+gradient_distance_and_feature.defvjp(_gradient_distance_and_feature_fwd, _gradient_distance_and_feature_bwd)
+
+
 def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:
     """Feature-matching term of paper 2 (ALGORITHMS.md §4.9(b)): ``||h - target||^2`` or ``1 - cos(h, target)``.
 
@@ -177,7 +229,8 @@ def matching_objective(
 
     ``label`` ``(K,)`` is the fixed dummy label; ``None`` makes it ``softmax(z["v"])``
     (DLG). ``feature`` ``(d,)`` is a recovered last-layer input, used only when
-    ``feature_weight > 0``; ``h(x')`` comes from ``apply_fn(variables, x, return_feature=True)``.
+    ``feature_weight > 0``; ``h(x')`` comes from ``apply_fn(variables, x, return_feature=True)``
+    in the forward pass of the dummy gradient (:func:`gradient_distance_and_feature`).
     """
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {distance!r}")
@@ -188,11 +241,13 @@ def matching_objective(
     use_feature = feature is not None and feature_weight > 0
 
     def objective(z):
-        d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y)
+        if use_feature:
+            d, h = gradient_distance_and_feature(apply_fn, dist, soft, z, variables, target_grads, weights, y)
+        else:
+            d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y)
         if tv:
             d = d + tv * total_variation(z["x"])
         if use_feature:
-            h = apply_fn(variables, z["x"][None], return_feature=True)[1][0]
             d = d + feature_weight * feature_distance(h, feature, distance)
         return d
 

@@ -94,3 +94,55 @@ def test_matching_objective_rejects_unknown_distance(tiny):
     p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
     with pytest.raises(ValueError, match="distance must be one of \\['cosine', 'l2'\\], got 'l1'"):
         objectives.matching_objective(tiny["model"].apply, p, g, tiny["y"][0], distance="l1")
+
+
+@pytest.mark.parametrize("distance,soft", [("l2", False), ("cosine", False), ("cosine", True)])
+def test_feature_objective_equals_two_forward_formulation(tiny, distance, soft):
+    """One-forward feature matching = plain jax.grad of [distance of jax.grad + TV + feature term with its own forward]."""
+    apply, exclude, fw, tv = tiny["model"].apply, ("head/kernel",), 2.0, 0.1
+    with jax.enable_x64(True):
+        f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
+        p, g = f64(tiny["take"](tiny["params"], 0)), f64(tiny["take"](tiny["grads"], 0))
+        label = None if soft else f64(tiny["y"][0])
+        target = victims.feature(apply, p, jnp.asarray(tiny["x"][1], jnp.float64))
+        z = {"x": jnp.asarray(tiny["x"][0], jnp.float64) + 0.3 * jax.random.normal(jax.random.PRNGKey(11), SHAPE, jnp.float64)}
+        if soft:
+            z["v"] = jax.random.normal(jax.random.PRNGKey(12), (K,), jnp.float64)
+        w = objectives.tensor_weights(g, exclude)
+
+        def reference(zz):
+            y = jax.nn.softmax(zz["v"]) if soft else label
+            h = victims.feature(apply, p, zz["x"])
+            return (objectives.DISTANCES[distance](victims.gradient(apply, p, zz["x"], y), g, w)
+                    + tv * objectives.total_variation(zz["x"]) + fw * objectives.feature_distance(h, target, distance))
+
+        ours = objectives.matching_objective(apply, p, g, label, target, distance=distance, tv=tv, exclude_tensors=exclude,
+                                             feature_weight=fw)
+        value, grad = jax.jit(jax.value_and_grad(ours))(z)
+        ref_value, ref_grad = jax.value_and_grad(reference)(z)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-12)
+        for name in z:
+            np.testing.assert_allclose(grad[name], ref_grad[name], rtol=1e-9, atol=1e-12)
+        # The feature term is really there: its gradient alone is a sizeable part of the total.
+        no_feature = objectives.matching_objective(apply, p, g, label, target, distance=distance, tv=tv, exclude_tensors=exclude)
+        assert np.max(np.abs(jax.grad(no_feature)(z)["x"] - grad["x"])) > 1e-3 * np.max(np.abs(grad["x"]))
+    # float32, the attacks' precision: the same to float32 tolerance.
+    p32, g32 = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
+    z32 = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), z)
+    y32 = None if soft else tiny["y"][0]
+    h32 = jnp.asarray(target, jnp.float32)
+    ours32 = objectives.matching_objective(apply, p32, g32, y32, h32, distance=distance, tv=tv, exclude_tensors=exclude,
+                                           feature_weight=fw)
+    value32, grad32 = jax.value_and_grad(ours32)(z32)
+    np.testing.assert_allclose(value32, ref_value, rtol=1e-4)
+    for name in z:
+        np.testing.assert_allclose(grad32[name], ref_grad[name], rtol=2e-3, atol=2e-4 * np.max(np.abs(ref_grad[name])))
+
+
+def test_gradient_distance_and_feature_returns_the_forward_feature(tiny):
+    apply, p, g = tiny["model"].apply, tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
+    z = {"x": tiny["x"][1]}
+    dist = objectives.DISTANCES["l2"]
+    value, h = objectives.gradient_distance_and_feature(apply, dist, False, z, p, g, None, tiny["y"][0])
+    np.testing.assert_array_equal(h, victims.feature(apply, p, tiny["x"][1]))
+    np.testing.assert_allclose(value, objectives.gradient_distance(apply, dist, False, z, p, g, None, tiny["y"][0]), rtol=1e-6)
