@@ -149,10 +149,7 @@ gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
 def _dummy_loss_and_feature(apply_fn, soft, params, rest, z, label):
     """``(CE(f(x'), y'), h(x'))`` from one ``apply_fn(..., return_feature=True)`` forward pass."""
     y = jax.nn.softmax(z["v"]) if soft else label
-    logits, h = apply_fn(params if rest is None else {**rest, "params": params}, z["x"][None], return_feature=True)
-    if logits.shape[-1] != y.shape[-1]:
-        raise ValueError(f"y has {y.shape[-1]} classes but the model outputs {logits.shape[-1]} logits")
-    return _victims.cross_entropy(logits[0], y), h[0]
+    return _victims.loss_and_feature(apply_fn, params if rest is None else {**rest, "params": params}, z["x"], y)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

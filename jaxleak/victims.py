@@ -95,12 +95,21 @@ def _logits_and_feature(apply_fn: ApplyFn, params: PyTree, x: Array) -> tuple[Ar
     return logits[0], h[0]
 
 
-def loss(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> Array:
-    """The victim's training loss on one example: soft-label CE of ``apply_fn(params, x[None])``."""
-    logits = apply_fn(params, x[None])[0]
+def _checked_cross_entropy(logits: Array, y: Array) -> Array:
     if logits.shape[-1] != y.shape[-1]:
         raise ValueError(f"y has {y.shape[-1]} classes but the model outputs {logits.shape[-1]} logits")
     return cross_entropy(logits, y)
+
+
+def loss(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> Array:
+    """The victim's training loss on one example: soft-label CE of ``apply_fn(params, x[None])``."""
+    return _checked_cross_entropy(apply_fn(params, x[None])[0], y)
+
+
+def loss_and_feature(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> tuple[Array, Array]:
+    """:func:`loss` and the last-layer input ``h`` ``(d,)`` from the same forward pass (``return_feature=True``)."""
+    logits, h = _logits_and_feature(apply_fn, params, x)
+    return _checked_cross_entropy(logits, y), h
 
 
 def gradient(apply_fn: ApplyFn, params: PyTree, x: Array, y: Array) -> PyTree:
