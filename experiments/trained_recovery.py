@@ -41,6 +41,9 @@ import numpy as np
 from jaxleak import data, labels, models, recovery, report, train
 from jaxleak import victims as _victims
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import train_victims  # noqa: E402  (the sibling script that wrote the checkpoints)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CKPT = REPO / "results" / "checkpoints"
 SEED = 2023
@@ -52,15 +55,10 @@ CASES = [("cifar10", "lenet", "mixup", "mixup"), ("cifar10", "resnet18", "smooth
          ("flowers17", "resnet18", "smoothing", "smoothing"), ("flowers17", "resnet18", "mixup", "mixup")]
 
 
-def _build(model_name: str, k: int):
-    if model_name == "alexnet":
-        return models.AlexNet(k)
-    return models.LeNet(num_classes=k, head_bias=False) if model_name == "lenet" else models.ResNet18(k, stem="cifar")
-
-
 def load_victim(model_name: str, regime: str, ckpt_dir=CKPT, dataset: str = "cifar10"):
-    variables, recipe = train.load_checkpoint(pathlib.Path(ckpt_dir) / f"{model_name}_{regime}_{dataset}.msgpack")
-    return _build(model_name, recipe["num_classes"]), variables, recipe
+    """``(model, variables, recipe)`` of a checkpoint written by ``train_victims.py`` (its model builder and file name)."""
+    variables, recipe = train.load_checkpoint(train_victims.checkpoint_path(ckpt_dir, model_name, regime, dataset))
+    return train_victims.build_model(model_name, recipe["num_classes"]), variables, recipe
 
 
 def head_gradients(model, variables, x: np.ndarray, y: np.ndarray, batch: int = 100):
