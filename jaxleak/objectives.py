@@ -109,50 +109,59 @@ def _split_variables(variables: PyTree) -> tuple[PyTree, dict]:
     return variables, None  # a bare params dict (no "params" collection)
 
 
-def _dummy_loss(apply_fn, soft: bool, params, rest, z, label):
+def _dummy_loss_and_feature(apply_fn, soft: bool, with_feature: bool, params, rest, z, label):
+    """``(CE(f(x'), y'), h(x') or None)``; ``y' = softmax(v)`` when ``soft``; ``h`` from the same forward pass."""
     y = jax.nn.softmax(z["v"]) if soft else label
-    return _victims.loss(apply_fn, params if rest is None else {**rest, "params": params}, z["x"], y)
+    v = params if rest is None else {**rest, "params": params}
+    if with_feature:
+        return _victims.loss_and_feature(apply_fn, v, z["x"], y)
+    return _victims.loss(apply_fn, v, z["x"], y), None
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _distance_and_feature(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label):
+    return _distance_and_feature_fwd(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label)[0]
+
+
+def _distance_and_feature_fwd(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label):
+    params, rest = _split_variables(variables)
+    grads, h = jax.grad(_dummy_loss_and_feature, argnums=3, has_aux=True)(
+        apply_fn, soft, with_feature, params, rest, z, label
+    )
+    value, d_grads = jax.value_and_grad(lambda g: distance(g, target_grads, weights))(grads)
+    return (value, h), (z, variables, target_grads, weights, label, d_grads)
+
+
+def _distance_and_feature_bwd(apply_fn, distance, soft, with_feature, res, cts):
+    z, variables, target_grads, weights, label, d_grads = res
+    ct, ct_h = cts
+    params, rest = _split_variables(variables)
+
+    def scalarised(zz):  # c <G(zz), dD/dG> [+ <c_h, h(zz)>]: the primal h and the tangent from one jvp
+        (_, h), (directional, _) = jax.jvp(
+            lambda p: _dummy_loss_and_feature(apply_fn, soft, with_feature, p, rest, zz, label), (params,), (d_grads,)
+        )
+        return ct * directional + (jnp.vdot(ct_h, h) if with_feature else 0.0)
+
+    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    return jax.grad(scalarised)(z), zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
+
+
+_distance_and_feature.defvjp(_distance_and_feature_fwd, _distance_and_feature_bwd)
+
+
 def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weights, label):
     """``distance(grad_theta CE(f(x'), y'), target_grads, weights)`` for dummy ``z = {"x": x', ["v": v]}``.
 
     ``y' = softmax(v)`` when ``soft`` (DLG), else ``label``. Its gradient in
     ``z`` is ``J^T dD/dG`` with ``G = grad_theta CE``; because ``<G, u> =
     d/de CE(theta + e u)``, that is ``grad_z jvp_theta CE[u]`` at ``u = dD/dG``
-    (reverse over forward), ~15 % cheaper on CPU than differentiating
-    ``jax.grad`` twice. Only ``z`` is differentiable.
+    (reverse over forward, a custom VJP), ~15 % cheaper on CPU than
+    differentiating ``jax.grad`` twice. Only ``z`` is differentiable.
     """
-    return _gradient_distance_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label)[0]
+    return _distance_and_feature(apply_fn, distance, soft, False, z, variables, target_grads, weights, label)[0]
 
 
-def _gradient_distance_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label):
-    params, rest = _split_variables(variables)
-    grads = jax.grad(_dummy_loss, argnums=2)(apply_fn, soft, params, rest, z, label)
-    value, d_grads = jax.value_and_grad(lambda g: distance(g, target_grads, weights))(grads)
-    return value, (z, variables, target_grads, weights, label, d_grads)
-
-
-def _gradient_distance_bwd(apply_fn, distance, soft, res, ct):
-    z, variables, target_grads, weights, label, d_grads = res
-    params, rest = _split_variables(variables)
-    directional = lambda zz: jax.jvp(lambda p: _dummy_loss(apply_fn, soft, p, rest, zz, label), (params,), (d_grads,))[1]
-    gz = jax.grad(directional)(z)
-    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
-    return jax.tree_util.tree_map(lambda g: ct * g, gz), zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
-
-
-gradient_distance.defvjp(_gradient_distance_fwd, _gradient_distance_bwd)
-
-
-def _dummy_loss_and_feature(apply_fn, soft, params, rest, z, label):
-    """``(CE(f(x'), y'), h(x'))`` from one ``apply_fn(..., return_feature=True)`` forward pass."""
-    y = jax.nn.softmax(z["v"]) if soft else label
-    return _victims.loss_and_feature(apply_fn, params if rest is None else {**rest, "params": params}, z["x"], y)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target_grads, weights, label):
     """``(gradient_distance(...), h(x'))``: the distance and the last-layer input ``h(x')`` ``(d,)``, one forward pass.
 
@@ -165,33 +174,7 @@ def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target
     feature term costs no extra forward or backward pass of the network.
     Only ``z`` is differentiable.
     """
-    return _gradient_distance_and_feature_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label)[0]
-
-
-def _gradient_distance_and_feature_fwd(apply_fn, distance, soft, z, variables, target_grads, weights, label):
-    params, rest = _split_variables(variables)
-    grads, h = jax.grad(_dummy_loss_and_feature, argnums=2, has_aux=True)(apply_fn, soft, params, rest, z, label)
-    value, d_grads = jax.value_and_grad(lambda g: distance(g, target_grads, weights))(grads)
-    return (value, h), (z, variables, target_grads, weights, label, d_grads)
-
-
-def _gradient_distance_and_feature_bwd(apply_fn, distance, soft, res, cts):
-    z, variables, target_grads, weights, label, d_grads = res
-    ct, ct_h = cts
-    params, rest = _split_variables(variables)
-
-    def scalarised(zz):  # c <G(zz), dD/dG> + <c_h, h(zz)>: the primal h and the tangent from one jvp
-        (_, h), (directional, _) = jax.jvp(
-            lambda p: _dummy_loss_and_feature(apply_fn, soft, p, rest, zz, label), (params,), (d_grads,)
-        )
-        return ct * directional + jnp.vdot(ct_h, h)
-
-    gz = jax.grad(scalarised)(z)
-    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
-    return gz, zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
-
-
-gradient_distance_and_feature.defvjp(_gradient_distance_and_feature_fwd, _gradient_distance_and_feature_bwd)
+    return _distance_and_feature(apply_fn, distance, soft, True, z, variables, target_grads, weights, label)
 
 
 def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:
