@@ -17,11 +17,13 @@ optimiser.
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 1 8 --torch-victims 2 --out bench.json
     python experiments/bench_attack.py --victims 8 --configs paper optax --torch-victims 2
     python experiments/bench_attack.py --victims 8 --strategies loop vmap --torch-victims 0   # driver default
+    python experiments/bench_attack.py --victims 8 --convs xla slices --torch-victims 2       # LeNet's conv="auto"
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import pathlib
@@ -157,6 +159,8 @@ def main(argv=None) -> int:
     p.add_argument("--torch-victims", type=int, default=2, help="victims the PyTorch reference attacks per V (0: none)")
     p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap"),
                    help="how victims are mapped: vmap, a loop of a jitted one-victim attack, or the backend's default")
+    p.add_argument("--convs", nargs="+", default=["auto"], choices=models.CONVS,
+                   help="LeNet's convolution (models.LeNet conv=): auto (the backend's default), xla, patches, slices")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),
                    help="jaxleak's optimiser: paper (PyTorch L-BFGS semantics, the reference's) and/or optax (best default)")
     p.add_argument("--steps", type=int, default=None,
@@ -182,12 +186,13 @@ def main(argv=None) -> int:
     backend = jax.default_backend()
     rows, ratios = [], []
     for v in o.progress(args.victims, desc="bench attack", unit="V"):
-        model, params, grads, x, y_int = make_victims(data_dir, v, args.seed)
-        for name, config in configs.items():
+        _, params, grads, x, y_int = make_victims(data_dir, v, args.seed)
+        for (name, config), conv in itertools.product(configs.items(), args.convs):
+            model = models.LeNet(100, conv=conv)  # the same parameters whatever the convolution
             flops = flops_per_evaluation(model, params, grads, x, y_int, config)
             for strategy in args.strategies:
                 s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
-                rows.append({"V": v, "backend": backend, "config": name, "steps": config.steps,
+                rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "steps": config.steps,
                              **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
                 o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
         if args.torch_victims:
@@ -197,9 +202,9 @@ def main(argv=None) -> int:
             o.report(json.dumps({k: val for k, val in tr.items() if k != "mse"}))
             for jx in [r for r in rows if r["V"] == v and r["impl"] == "jaxleak"]:
                 ratio = jx["successful_per_s"] / tr["successful_per_s"] if tr["successful_per_s"] else float("inf")
-                ratios.append({"V": v, "config": jx["config"], "strategy": jx["strategy"],
+                ratios.append({"V": v, "config": jx["config"], "conv": jx["conv"], "strategy": jx["strategy"],
                                "per_evaluation_speedup": tr["ms_per_eval"] / jx["ms_per_eval"], "successful_per_s_ratio": ratio})
-                o.report(f"V={v} {jx['config']}/{jx['strategy']}: jaxleak {jx['victims_per_s']:.3f} victims/s "
+                o.report(f"V={v} {jx['config']}/{jx['conv']}/{jx['strategy']}: jaxleak {jx['victims_per_s']:.3f} victims/s "
                          f"({jx['successful_per_s']:.3f} successful/s, {jx['successful']}/{v}, {jx['mean_evals']:.0f} evals, "
                          f"compile {jx['compile_s']:.1f}s) vs torch {tr['victims_per_s']:.4f} victims/s "
                          f"({tr['successful_per_s']:.4f} successful/s, {tr['successful']}/{tr['victims']}, {tr['mean_evals']:.0f} evals); "

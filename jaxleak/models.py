@@ -26,6 +26,7 @@ ResNet constructor: Kaiming-normal fan-out convs).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -54,20 +55,28 @@ class PatchConv(nn.Module):
 
     ``kernel`` ``(kh, kw, c_in, c_out)`` and ``bias`` ``(c_out,)`` are laid out
     and initialised as ``flax.linen.Conv``'s, so parameter pytrees are
-    interchangeable. The patches are extracted by
-    ``lax.conv_general_dilated_patches`` (no parameters, exact selection) and
+    interchangeable. The patches are an exact selection of input pixels,
     contracted with the kernel by one matrix product. Why: when every victim
     carries its own weights, ``vmap`` turns ``nn.Conv`` into one grouped
     convolution with a group per victim, which GPUs run slowly (measured on an
     H100: 0.13 ms per iDLG evaluation per victim at 64 victims, no faster than
     one victim at a time); here the victim axis becomes the batch axis of a
     batched matrix product instead.
+
+    ``extract``: ``"conv"`` takes the patches with
+    ``lax.conv_general_dilated_patches`` (a convolution with a 0/1 kernel: what
+    was measured on the H100); ``"slices"`` concatenates ``kh * kw`` strided
+    slices of the padded input (pure data movement; on the 2-core CPU the iDLG
+    LeNet's value-and-gradient took 1.8-2.0 ms against 2.6-3.3 ms with
+    ``nn.Conv`` and 13 ms with ``"conv"``, experiments/bench_attack.py
+    ``--convs``).
     """
 
     features: int
     kernel_size: tuple[int, int]
     strides: tuple[int, int] = (1, 1)
     padding: Any = "VALID"
+    extract: str = "conv"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -75,20 +84,44 @@ class PatchConv(nn.Module):
         c_in = x.shape[-1]
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (kh, kw, c_in, self.features), x.dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), x.dtype)
-        patches = jax.lax.conv_general_dilated_patches(
-            x, (kh, kw), self.strides, self.padding, dimension_numbers=("NHWC", "OIHW", "NHWC"),
-            precision=jax.lax.Precision.HIGHEST,  # a pure selection: keep it exact under TF32 defaults
-        )  # (N, H', W', c_in * kh * kw), features ordered (c_in, kh, kw)
-        w = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c_in * kh * kw, self.features)
+        if self.extract == "slices":
+            patches = _slice_patches(x, (kh, kw), self.strides, self.padding)  # features ordered (kh, kw, c_in)
+            w = kernel.reshape(kh * kw * c_in, self.features)
+        elif self.extract == "conv":
+            patches = jax.lax.conv_general_dilated_patches(
+                x, (kh, kw), self.strides, self.padding, dimension_numbers=("NHWC", "OIHW", "NHWC"),
+                precision=jax.lax.Precision.HIGHEST,  # a pure selection: keep it exact under TF32 defaults
+            )  # (N, H', W', c_in * kh * kw), features ordered (c_in, kh, kw)
+            w = jnp.transpose(kernel, (2, 0, 1, 3)).reshape(c_in * kh * kw, self.features)
+        else:
+            raise ValueError(f"extract must be 'conv' or 'slices', got {self.extract!r}")
         return patches @ w + bias
 
 
-def _conv_impl(conv: str) -> str:
-    if conv not in ("auto", "xla", "patches"):
-        raise ValueError(f"conv must be 'auto', 'xla' or 'patches', got {conv!r}")
-    if conv == "auto":  # decided at trace time: grouped convolutions are slow on GPUs (PatchConv)
-        return "xla" if jax.default_backend() == "cpu" else "patches"
-    return conv
+def _slice_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], padding: Any) -> Array:
+    """``(N, H', W', kh * kw * C)``: the ``kh * kw`` strided windows of NHWC ``x``, features ordered (kh, kw, C)."""
+    (kh, kw), (sh, sw) = window, strides
+    pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
+    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(cols, axis=-1)
+
+
+#: LeNet's ``conv="auto"`` per backend, decided at trace time: grouped convolutions (``nn.Conv`` under
+#: ``vmap`` with per-victim weights) are slow on GPUs, and slicing beats XLA's convolutions on the CPU.
+AUTO_CONV = {"cpu": "slices"}
+CONVS = ("auto", "xla", "patches", "slices")
+
+
+def _conv_layer(conv: str) -> Callable[..., nn.Module]:
+    if conv not in CONVS:
+        raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
+    if conv == "auto":
+        conv = AUTO_CONV.get(jax.default_backend(), "patches")
+    if conv == "xla":
+        return nn.Conv
+    return functools.partial(PatchConv, extract="conv" if conv == "patches" else "slices")
 
 
 class LeNet(nn.Module):
@@ -98,8 +131,9 @@ class LeNet(nn.Module):
     symmetric padding 2 (XLA's 'SAME' pads (1, 2) at stride 2), a sigmoid after
     each, flatten (NHWC order) and one ``Dense`` to ``num_classes``.
     ``head_bias=False`` is paper 2's bias-free variant. 32x32x3 input -> d=768;
-    28x28x1 -> d=588. ``conv``: ``"xla"`` (``nn.Conv``), ``"patches"``
-    (:class:`PatchConv`, same parameters) or ``"auto"`` (``"xla"`` on CPU,
+    28x28x1 -> d=588. ``conv``: ``"xla"`` (``nn.Conv``), ``"patches"`` or
+    ``"slices"`` (:class:`PatchConv` with ``extract="conv"`` / ``"slices"``, same
+    parameters) or ``"auto"`` (:data:`AUTO_CONV`: ``"slices"`` on CPU,
     ``"patches"`` elsewhere); the function computed is the same.
     """
 
@@ -110,7 +144,7 @@ class LeNet(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, return_feature: bool = False, train: bool = False):
         del train  # No dropout or normalisation.
-        conv = nn.Conv if _conv_impl(self.conv) == "xla" else PatchConv
+        conv = _conv_layer(self.conv)
         for i, stride in enumerate((2, 2, 1)):
             x = conv(12, (5, 5), strides=(stride, stride), padding=((2, 2), (2, 2)), name=f"conv{i + 1}")(x)
             x = nn.sigmoid(x)

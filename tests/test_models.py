@@ -3,6 +3,7 @@
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,11 +56,12 @@ def test_lenet_forward_equals_independent_nchw_computation():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order():
-    """conv="patches" computes the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
+@pytest.mark.parametrize("conv", ["patches", "slices"])
+def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order(conv):
+    """conv="patches"/"slices" compute the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
     with jax.enable_x64(True):
         x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), jnp.float64)  # d = 48: small, same code path
-        xla, patches = jl.LeNet(10, conv="xla"), jl.LeNet(10, conv="patches")
+        xla, patches = jl.LeNet(10, conv="xla"), jl.LeNet(10, conv=conv)
         v = xla.init(jax.random.PRNGKey(0), x)
         assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(patches.init(jax.random.PRNGKey(0), x))
         v = models.init_uniform(v, jax.random.PRNGKey(2))
@@ -73,6 +75,21 @@ def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order():
                                    jax.grad(lambda xx: grad_norm(xla, xx))(x), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="conv must be"):
         jl.LeNet(10, conv="fft").init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize("extract", ["conv", "slices"])
+@pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 3), "VALID"), ((2, 2), ((1, 2), (0, 1)))])
+def test_patch_conv_equals_nn_conv(extract, strides, padding):
+    """PatchConv = nn.Conv with the same parameters, for string and explicit padding, uneven strides and sizes."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.PRNGKey(1), (2, 9, 7, 2), jnp.float64)
+        ref = nn.Conv(4, (3, 2), strides=strides, padding=padding)
+        v = ref.init(jax.random.PRNGKey(0), x)
+        v = jax.tree_util.tree_map(lambda a: a + 0.1, v)  # a non-zero bias too
+        ours = models.PatchConv(4, (3, 2), strides=strides, padding=padding, extract=extract)
+        np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="extract must be"):
+        models.PatchConv(4, (3, 3), extract="fft").init(jax.random.PRNGKey(0), x)
 
 
 @pytest.mark.parametrize(
