@@ -20,14 +20,17 @@ The history is a ring buffer of ``history_size`` slots. The direction
 
 - ``"two_loop"``: the two-loop recursion (Nocedal & Wright 2006, Algorithm
   7.4) walks the buffer newest to oldest and back, exactly as PyTorch walks its
-  Python lists. 2·count dependent steps: cheap on a CPU, but on a GPU every
-  step of a loop with a data-dependent trip count is a kernel launch and a
-  device-to-host sync of the loop predicate.
+  Python lists: 2·count dependent steps of a loop with a data-dependent trip
+  count.
 - ``"compact"``: the same ``H`` in the compact representation of Byrd,
   Nocedal & Schnabel (1994, Theorem 2.2), with the Gram matrices ``S^T Y`` and
   ``Y^T Y`` kept up to date in the state: a few batched matrix products and two
   ``m x m`` triangular solves, no loop.
-- ``"auto"`` (default): ``"two_loop"`` on CPU, ``"compact"`` elsewhere.
+- ``"auto"`` (default): ``"compact"``. On a GPU every step of the two-loop
+  recursion is a kernel launch and a device-to-host sync of the loop predicate;
+  on the 2-core CPU, with a full history of 100 pairs and n = 3,072, the
+  two-loop direction took 0.68 ms against 0.18 ms (+ 0.10 ms of Gram updates),
+  and the whole iDLG attack 2.76 against 2.43 ms per evaluation.
 
 Both give the same direction up to rounding (tests compare them in float64).
 """
@@ -191,9 +194,7 @@ def compact_direction(grad: Array, s_hist: Array, y_hist: Array, sy: Array, yy: 
 
 
 def _direction(cfg: "TorchLBFGSConfig") -> str:
-    if cfg.direction != "auto":
-        return cfg.direction
-    return "two_loop" if jax.default_backend() == "cpu" else "compact"
+    return "compact" if cfg.direction == "auto" else cfg.direction
 
 
 def update(
