@@ -44,13 +44,14 @@ def from_flax(params: dict, channels: int, num_classes: int) -> TorchLeNet:
     with torch.no_grad():
         for i, conv in enumerate(net.body[::2]):
             conv.weight.copy_(torch.from_numpy(np.asarray(params[f"conv{i + 1}"]["kernel"]).transpose(3, 2, 0, 1).copy()))
-            conv.bias.copy_(torch.from_numpy(np.asarray(params[f"conv{i + 1}"]["bias"])))
+            conv.bias.copy_(torch.from_numpy(np.array(params[f"conv{i + 1}"]["bias"])))
         net.fc.weight.copy_(torch.from_numpy(np.asarray(params["head"]["kernel"]).T.copy()))
-        net.fc.bias.copy_(torch.from_numpy(np.asarray(params["head"]["bias"])))
+        net.fc.bias.copy_(torch.from_numpy(np.array(params["head"]["bias"])))
     return net
 
 
-def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: int = 0, iterations: int = 300) -> dict:
+def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: int = 0, iterations: int = 300,
+           check_every: int = 10) -> dict:
     """One DLG or iDLG run on one victim; returns the final MSE, the label, steps, evaluations and seconds."""
     torch.manual_seed(seed)
     gt = torch.from_numpy(np.ascontiguousarray(x_hwc.transpose(2, 0, 1)))[None].float()
@@ -86,9 +87,26 @@ def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: in
         opt.step(closure)
         current = closure().item()
         steps += 1
-        if it % (iterations // 30) == 0 and current < 1e-6:
+        if it % check_every == 0 and current < 1e-6:  # the paper: every iterations // 30 = 10
             break
     seconds = time.time() - t
     label_out = int(torch.argmax(logits)) if method == "dlg" else int(pred_label)
     mse = float(torch.mean((dummy.detach() - gt) ** 2))
     return {"mse": mse, "label": label_out, "loss": current, "steps": steps, "evals": evals[0], "seconds": seconds}
+
+
+def attack_victim(task: tuple) -> dict:
+    """``attack`` on one victim given as plain numpy: ``(params, x_hwc, label, method, seed, iterations)``.
+
+    A picklable entry point for a pool of worker processes (``bench_attack.py
+    --torch-workers``); ``params`` is one flax LeNet's ``params`` dict of numpy arrays.
+    """
+    params, x_hwc, label, method, seed, iterations = task
+    num_classes = np.asarray(params["head"]["kernel"]).shape[1]
+    net = from_flax(params, x_hwc.shape[-1], num_classes)
+    return attack(net, x_hwc, label, method, seed=seed, iterations=iterations)
+
+
+def single_threaded_worker() -> None:
+    """Pool initialiser: one intra-op thread per worker process, so W workers use W cores."""
+    torch.set_num_threads(1)
