@@ -163,6 +163,18 @@ def test_bench_attack_json(npz_env, capsys):
     assert [r["impl"] for r in res["rows"]] == ["jaxleak"] and res["rows"][0]["victims"] == 1
 
 
+def test_bench_attack_torch_workers(npz_env, capsys):
+    pytest.importorskip("torch", reason="the optional 'bench' extra (torch) is not installed")
+    res, _ = _run_json(capsys, "bench", "attack", "--victims", "2", "--torch-victims", "2", "--steps", "3",
+                       "--torch-workers", "1", "2", "--json", "--quiet")
+    torch_rows = [r for r in res["rows"] if r["impl"] == "torch"]
+    assert [(r["torch_workers"], r["torch_threads"], r["victims"]) for r in torch_rows][1] == (2, 1, 2)
+    assert torch_rows[0]["torch_workers"] == 1
+    # the same victims, seeds and steps whether in this process or dealt over worker processes
+    assert torch_rows[0]["mean_evals"] == torch_rows[1]["mean_evals"]
+    assert {(r["torch_workers"], r["strategy"]) for r in res["ratios"]} == {(1, "loop"), (2, "loop")}
+
+
 def test_bench_gradients_json_and_quiet(tmp_path, capsys):
     argv = ["bench", "gradients", "--victims", "2", "--repeats", "1", "--loop-max", "1", "--json"]
     res, err = _run_json(capsys, *argv, "--out", str(tmp_path / "b1"))
