@@ -44,9 +44,10 @@ PyTree = Any
 ApplyFn = Callable[..., Any]
 
 #: Fastest way to run many victims' attacks, per backend. CPU, iDLG on LeNet 32x32,
-#: 8 victims: a loop of the jitted one-victim attack 1.06 ms per evaluation per
-#: victim vs 1.62 ms under vmap (``experiments/bench_attack.py --strategies loop vmap``).
-#: With several local devices the loop is dealt round-robin over them.
+#: 8 victims: a loop of the jitted one-victim attack 0.23 victims/s vs 0.064 under
+#: vmap, where every victim runs as long as the slowest (2026-12-03, 2 host devices;
+#: ``experiments/bench_attack.py --strategies loop vmap``). With several local
+#: devices the loop is dealt round-robin over them.
 DEFAULT_STRATEGY = {"cpu": "loop", "gpu": "vmap", "tpu": "vmap"}
 
 # --------------------------------------------------------------------------
