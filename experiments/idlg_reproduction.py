@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         o.report(f"{args.dataset} {method}: n={summary['victims']} label acc {100 * m['label_accuracy']:.1f}% (paper "
                  f"{100 * m['paper']['label_accuracy']:.1f}%), fidelity "
                  + " ".join(f"{t}:{100 * v:.1f}" for t, v in m["fidelity"].items())
-                 + f" | paper " + " ".join(f"{100 * v:.1f}" for v in m["paper"]["fidelity"].values())
+                 + " | paper " + " ".join(f"{100 * v:.1f}" for v in m["paper"]["fidelity"].values())
                  + f" | evals {m['mean_evals']:.0f}, {m['seconds_per_victim']:.1f}s/victim")
     o.report(f"results: {args.out / 'results.json'}; figures: "
              + ", ".join(str(args.out / f) for f in ("fidelity.png", "examples.png", "figure2.png") if (args.out / f).exists()))

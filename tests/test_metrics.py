@@ -1,6 +1,5 @@
 """Metrics against independent numpy/skimage computations."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

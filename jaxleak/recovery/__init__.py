@@ -47,8 +47,6 @@ from jaxleak.recovery._core import (
     SEARCHES,
     ZERO_GRADIENT,
     SoftLabel,
-    _label_at,  # noqa: F401  (used by tests)
-    _precompute,  # noqa: F401  (used by tests)
     pseudo_label,
     variance_loss,
 )
