@@ -11,9 +11,10 @@ same machine load. Reports seconds, victims/s and *successful* victims/s
 The reference runs as one process with torch's default threads
 (``--torch-workers 1``) and/or dealt over W single-threaded processes
 (``--torch-workers 2``): jaxleak's CPU loop runs one victim per core, and
-PyTorch on these tiny tensors gains little from intra-op threads (measured:
-2 single-threaded workers 8.7 ms per evaluation in aggregate vs 15.7 ms for one
-process with 2 threads), so the fair ratio is against the faster of the two.
+PyTorch on these tiny tensors gains little from intra-op threads (measured at
+V = 8, 300 steps: 2 single-threaded workers 6.7 ms per evaluation in aggregate
+vs 14.6 ms for one process with 2 threads), so the fair ratio is against the
+faster of the two.
 
 Configs: ``paper`` is the reference's own protocol (PyTorch L-BFGS semantics,
 lr 1, 300 outer steps): the ratio to the reference then measures the engine
