@@ -144,20 +144,22 @@ def bench_torch(params, x, y_int, n: int, seed: int, steps: int = 300, workers: 
 
     tasks = [(jax.tree_util.tree_map(lambda a: np.array(a[i]), params["params"]), np.array(x[i]), int(y_int[i]),
               "idlg", seed + i, steps) for i in range(n)]
-    if workers <= 1:
+    if workers == 1:
         t = time.time()
         runs = [torch_reference.attack_victim(task) for task in tasks]
         seconds, threads = time.time() - t, torch.get_num_threads()
     else:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=torch_reference.single_threaded_worker) as pool:
-            pool.map(abs, range(workers))  # start the workers (imports) before the clock
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(workers, initializer=torch_reference.single_threaded_worker, initargs=(ctx.Barrier(workers),)) as pool:
+            # One barrier task per worker: none returns before all W workers have started (imports done).
+            pool.map(torch_reference.wait_for_all_workers, range(workers), chunksize=1)
             t = time.time()
             runs = pool.map(torch_reference.attack_victim, tasks, chunksize=1)
             seconds, threads = time.time() - t, 1
     return _summary("torch", n, seconds, np.array([r["mse"] for r in runs]), np.array([r["evals"] for r in runs]),
-                    torch_threads=threads, torch_workers=max(workers, 1))
+                    torch_threads=threads, torch_workers=workers)
 
 
 def _summary(name, n, seconds, mse, evals, **extra) -> dict:
@@ -197,6 +199,8 @@ def main(argv=None) -> int:
     add_output_flags(p)
     args = p.parse_args(argv)
     o = ScriptOutput(args)
+    if min(args.torch_workers) < 1:
+        p.error(f"--torch-workers must be >= 1, got {args.torch_workers}")
     data_dir = args.data or default_data_dir()
     if not (data_dir / "cifar100_subset.npz").is_file():
         p.error(f"cifar100_subset.npz not found in {data_dir}: pass --data or set JAXLEAK_DATA")

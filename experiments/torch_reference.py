@@ -107,6 +107,19 @@ def attack_victim(task: tuple) -> dict:
     return attack(net, x_hwc, label, method, seed=seed, iterations=iterations)
 
 
-def single_threaded_worker() -> None:
-    """Pool initialiser: one intra-op thread per worker process, so W workers use W cores."""
+_start_barrier = None
+
+
+def single_threaded_worker(barrier=None) -> None:
+    """Pool initialiser: one intra-op thread per worker process, so W workers use W cores.
+
+    ``barrier``: a ``multiprocessing`` barrier for W parties, kept for :func:`wait_for_all_workers`.
+    """
+    global _start_barrier
     torch.set_num_threads(1)
+    _start_barrier = barrier
+
+
+def wait_for_all_workers(_=None) -> None:
+    """A warm-up task: blocks until every worker of the pool has started and reached the barrier."""
+    _start_barrier.wait()
