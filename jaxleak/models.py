@@ -65,11 +65,11 @@ class PatchConv(nn.Module):
 
     ``extract``: ``"conv"`` takes the patches with
     ``lax.conv_general_dilated_patches`` (a convolution with a 0/1 kernel: what
-    was measured on the H100); ``"slices"`` takes ``kw`` strided column
-    slices of the padded input, then ``kh`` strided row slices of those (pure
-    data movement; on the 2-core CPU the iDLG LeNet's value-and-gradient took
-    1.7 ms against 2.6-3.3 ms with ``nn.Conv`` and 13 ms with ``"conv"``,
-    experiments/bench_attack.py ``--convs``).
+    was measured on the H100); ``"slices"`` concatenates ``kh * kw`` strided
+    slices of the padded input (pure data movement; on the 2-core CPU the iDLG
+    LeNet's value-and-gradient took 1.8-2.0 ms against 2.6-3.3 ms with
+    ``nn.Conv`` and 13 ms with ``"conv"``, experiments/bench_attack.py
+    ``--convs``).
     """
 
     features: int
@@ -104,11 +104,8 @@ def _slice_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], 
     pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
     ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
-    # Columns first, then rows: kh + kw slices and 2 concatenations instead of kh * kw slices and one.
-    # XLA's CPU backend runs each slice as its own kernel; for the iDLG LeNet this halves the kernels of
-    # the objective's value-and-gradient (247 -> 132) and cut it from 2.04-2.08 to 1.70-1.74 ms.
-    cols = jnp.concatenate([xp[:, :, j:j + sw * (wo - 1) + 1:sw] for j in range(kw)], axis=-1)  # (N, Hp, W', kw*C)
-    return jnp.concatenate([cols[:, i:i + sh * (ho - 1) + 1:sh] for i in range(kh)], axis=-1)
+    cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
+    return jnp.concatenate(cols, axis=-1)
 
 
 #: LeNet's ``conv="auto"`` per backend, decided at trace time: grouped convolutions (``nn.Conv`` under
