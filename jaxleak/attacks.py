@@ -264,13 +264,18 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         )
         if config.optimizer == "optax_lbfgs":
             updates, new_state = opt.update(g, state, z, value=loss, grad=g, value_fn=objective)
+            # vg evaluated only when the state held no finite value (the first step); the zoom line
+            # search evaluated value-and-gradient once per trial step size.
+            n = (~jnp.isfinite(optax.tree.get(state, "value"))).astype(jnp.int32)
+            n = n + jnp.asarray(optax.tree.get(new_state, "num_linesearch_steps"), jnp.int32)
         else:
             updates, new_state = opt.update(g, state, z)
+            n = 1
         new_z = optax.apply_updates(z, updates)
         if config.box is not None:
             new_z = {**new_z, "x": jnp.clip(new_z["x"], *config.box)}
         keep = lambda a, b: jax.tree_util.tree_map(lambda u, w: jnp.where(converged, u, w), a, b)
-        return (jnp.where(converged, i, i + 1), keep(z, new_z), keep(state, new_state), converged, hist, evals + 1, snaps)
+        return (jnp.where(converged, i, i + 1), keep(z, new_z), keep(state, new_state), converged, hist, evals + n, snaps)
 
     init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), jnp.zeros((), bool), hist0, jnp.zeros((), jnp.int32), snaps0)
     i, z, state, _, hist, evals, snaps = lax.while_loop(cond, body, init)

@@ -268,3 +268,25 @@ def test_bad_lbfgs_milestones():
         attacks.AttackConfig(optimizer="adam", lbfgs_milestones=(0.5,))
     with pytest.raises(ValueError, match="gamma must be > 0"):
         attacks.AttackConfig(lbfgs_milestones=(0.5,), gamma=0.0)
+
+
+@pytest.mark.parametrize("config", [
+    attacks.AttackConfig(optimizer="optax_lbfgs", steps=12, stop_loss=0.0),
+    attacks.AttackConfig(optimizer="adam", steps=5, stop_loss=0.0),
+    _lbfgs_cfg(4, max_iter=3),
+], ids=["optax_lbfgs", "adam", "torch_lbfgs"])
+def test_evals_counts_every_objective_evaluation(config):
+    """``evals`` is the number of times the objective ran (counted on the host from inside it), including
+    every trial step of optax's zoom line search, which earlier counts (one per step) left out."""
+    f, z0, _ = _bowl()
+    calls = []
+
+    def counted(z):
+        jax.debug.callback(lambda: calls.append(1))
+        return f(z)
+
+    z, loss, hist, steps, evals, snaps = jax.jit(lambda z: attacks._optimise(counted, z, config))(z0)
+    jax.block_until_ready(evals)
+    assert int(evals) == len(calls)
+    if config.optimizer == "optax_lbfgs":
+        assert int(evals) > int(steps) + 1  # the line search tried more than one step size somewhere
