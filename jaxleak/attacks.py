@@ -98,6 +98,13 @@ class AttackConfig:
         variants, ALGORITHMS.md §4.9(b)): ``f_s ||h(x') - h_hat||^2`` with
         ``distance="l2"``, ``f_s (1 - cos(h(x'), h_hat))`` with ``"cosine"``. Needs
         the ``feature`` argument of :func:`given_label`; 0 (default) adds nothing.
+      factored_head: compute the last layer's kernel gradient ``h a^T`` in factored form
+        (``jaxleak.objectives.gradient_distance``): the same objective and gradient without
+        forming the ``(d, K)`` dummy gradient, which dominates with many classes (LeNet on
+        the CPU: 1.6 vs 1.8 ms per evaluation with K = 100, 8.4 vs 86.5 ms with LFW's 5,749).
+        Needs a model that follows ``jaxleak.models``' last layer convention (a dense
+        ``"head"`` fed by the ``h`` of ``return_feature=True``). ``None`` (default): on when
+        ``apply_fn`` is one of ``jaxleak.models``' networks (:func:`jaxleak.models.follows_head_convention`).
     """
 
     distance: str = "l2"
@@ -119,6 +126,7 @@ class AttackConfig:
     precision: Optional[str] = "highest"
     feature_weight: float = 0.0
     lbfgs_milestones: tuple[float, ...] = ()
+    factored_head: Optional[bool] = None
 
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
@@ -341,10 +349,11 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
 
 def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array],
                feature: Optional[Array] = None) -> Callable[[PyTree], Array]:
-    """``jaxleak.objectives.matching_objective`` with ``config``'s distance, TV, excluded tensors and feature weight."""
+    """``jaxleak.objectives.matching_objective`` with ``config``'s distance, TV, excluded tensors, feature weight and head."""
+    factored = _models.follows_head_convention(apply_fn) if config.factored_head is None else config.factored_head
     return _objectives.matching_objective(
         apply_fn, variables, target_grads, label, feature, distance=config.distance, tv=config.tv,
-        exclude_tensors=config.exclude_tensors, feature_weight=config.feature_weight,
+        exclude_tensors=config.exclude_tensors, feature_weight=config.feature_weight, factored_head=factored,
     )
 
 

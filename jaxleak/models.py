@@ -328,6 +328,16 @@ def _params_collection(tree: PyTree) -> PyTree:
     )
 
 
+def follows_head_convention(apply_fn: Callable[..., Any]) -> bool:
+    """Whether ``apply_fn`` is the ``apply`` of one of this module's networks, so the last layer convention holds.
+
+    Then ``apply_fn(variables, x, return_feature=True)`` returns ``(logits, h)`` with ``logits = h @ head.kernel
+    (+ head.bias)``, which ``jaxleak.objectives``' factored head relies on. Other callables (a user's module, a
+    wrapped ``apply``) return ``False``: they may follow the convention, but it cannot be checked.
+    """
+    return isinstance(getattr(apply_fn, "__self__", None), (LeNet, FCN4, AlexNet, _ResNet))
+
+
 def last_layer(tree: PyTree) -> tuple[Array, Optional[Array]]:
     """Returns ``(kernel (d, K), bias (K,) or None)`` of the last layer.
 

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxleak import models as _models
 from jaxleak import victims as _victims
 
 Array = jax.Array
@@ -150,7 +151,86 @@ def _distance_and_feature_bwd(apply_fn, distance, soft, with_feature, res, cts):
 _distance_and_feature.defvjp(_distance_and_feature_fwd, _distance_and_feature_bwd)
 
 
-def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weights, label):
+# The head kernel in factored form. For ONE example and a dense last layer ``logits = h W + b``, the
+# kernel's gradient is the outer product ``h a^T`` with ``a = dCE/dlogits`` (what iDLG and paper 2 read
+# labels and features from). Its distance terms are then ``<hA, hA> = |h|^2 |a|^2`` and ``<hA, T> = h^T T a``,
+# and the objective's VJP needs ``dD/dG_W = c1 h a^T + c2 T`` only through ``(h . h0)(a . a0)`` and ``h^T T a``:
+# no (d, K) array is formed except the one fused pass that computes the L2 value without cancellation.
+
+
+def _split_head(tree):
+    head = dict(tree[_models.HEAD])
+    kernel = head.pop("kernel")
+    return {**tree, _models.HEAD: head}, kernel
+
+
+def _dummy_loss_factored(apply_fn, soft, params_rest, kernel, rest, z, label):
+    """``(CE(f(x'), y'), (h, a))`` with the head kernel held as a constant, ``a = dCE/dlogits`` in closed form."""
+    y = jax.nn.softmax(z["v"]) if soft else label
+    params = {**params_rest, _models.HEAD: {**params_rest[_models.HEAD], "kernel": kernel}}
+    logits, h = _victims._logits_and_feature(apply_fn, params if rest is None else {**rest, "params": params}, z["x"])
+    # victims.cross_entropy's gradient in the logits, exactly: softmax * sum(y) - y.
+    return _victims._checked_cross_entropy(logits, y), (h, jax.nn.softmax(logits) * jnp.sum(y) - y)
+
+
+def _head_distance(distance, g_rest, t_rest, w_rest, w_head, gg, gt, tt):
+    """``distance`` of the whole gradient from the rest's tensors and the head kernel's three inner products."""
+    if distance is l2_distance:
+        return l2_distance(g_rest, t_rest, w_rest) + w_head * (gg - 2 * gt + tt)
+    if distance is cosine_distance:
+        if w_rest is None:
+            w_rest = jax.tree_util.tree_map(lambda _: 1.0, t_rest)
+        total = lambda f, *trees: sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(f, *trees)))
+        dot = total(lambda a, b, w: w * jnp.vdot(a, b), g_rest, t_rest, w_rest) + w_head * gt
+        na = total(lambda a, w: w * jnp.vdot(a, a), g_rest, w_rest) + w_head * gg
+        nb = total(lambda b, w: w * jnp.vdot(b, b), t_rest, w_rest) + w_head * tt
+        return 1.0 - dot / (jnp.sqrt(na) * jnp.sqrt(nb) + 1e-12)
+    raise ValueError(f"factored_head supports the distances {sorted(DISTANCES)}, got {distance!r}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def _distance_and_feature_factored(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label):
+    return _distance_and_feature_factored_fwd(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights,
+                                              label)[0]
+
+
+def _distance_and_feature_factored_fwd(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label):
+    params, rest = _split_variables(variables)
+    p_rest, kernel = _split_head(params)
+    t_rest, t_head = _split_head(target_grads)
+    w_rest, w_head = _split_head(weights) if weights is not None else (None, 1.0)
+    g_rest, (h, a) = jax.grad(_dummy_loss_factored, argnums=2, has_aux=True)(apply_fn, soft, p_rest, kernel, rest, z, label)
+    gg, gt, tt = jnp.vdot(h, h) * jnp.vdot(a, a), h @ t_head @ a, jnp.vdot(t_head, t_head)
+    value, (d_rest, d_gg, d_gt) = jax.value_and_grad(
+        lambda g, gg_, gt_: _head_distance(distance, g, t_rest, w_rest, w_head, gg_, gt_, tt), argnums=(0, 1, 2)
+    )(g_rest, gg, gt)
+    if distance is l2_distance:  # the same value without the cancellation of gg - 2 gt + tt near a match
+        value = l2_distance(g_rest, t_rest, w_rest) + w_head * jnp.sum((jnp.outer(h, a) - t_head) ** 2)
+    return (value, h), (z, variables, target_grads, weights, label, d_rest, 2 * d_gg, d_gt, h, a)
+
+
+def _distance_and_feature_factored_bwd(apply_fn, distance, soft, with_feature, res, cts):
+    z, variables, target_grads, weights, label, d_rest, c1, c2, h0, a0 = res
+    ct, ct_h = cts
+    params, rest = _split_variables(variables)
+    p_rest, kernel = _split_head(params)
+    t_head = _split_head(target_grads)[1]
+
+    def scalarised(zz):  # c <G(zz), dD/dG> [+ <c_h, h(zz)>], dD/dG_W = c1 h0 a0^T + c2 T_W
+        (_, (h, a)), (directional, _) = jax.jvp(
+            lambda p: _dummy_loss_factored(apply_fn, soft, p, kernel, rest, zz, label), (p_rest,), (d_rest,)
+        )
+        head = c1 * jnp.vdot(h, h0) * jnp.vdot(a, a0) + c2 * (h @ t_head @ a)
+        return ct * (directional + head) + (jnp.vdot(ct_h, h) if with_feature else 0.0)
+
+    zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
+    return jax.grad(scalarised)(z), zeros(variables), zeros(target_grads), zeros(weights), zeros(label)
+
+
+_distance_and_feature_factored.defvjp(_distance_and_feature_factored_fwd, _distance_and_feature_factored_bwd)
+
+
+def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weights, label, factored_head=False):
     """``distance(grad_theta CE(f(x'), y'), target_grads, weights)`` for dummy ``z = {"x": x', ["v": v]}``.
 
     ``y' = softmax(v)`` when ``soft`` (DLG), else ``label``. Its gradient in
@@ -158,23 +238,33 @@ def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weig
     d/de CE(theta + e u)``, that is ``grad_z jvp_theta CE[u]`` at ``u = dD/dG``
     (reverse over forward, a custom VJP), ~15 % cheaper on CPU than
     differentiating ``jax.grad`` twice. Only ``z`` is differentiable.
+
+    ``factored_head=True`` (for models that follow ``jaxleak.models``' last layer convention)
+    never forms the head kernel's ``(d, K)`` dummy gradient: for one example it is ``h a^T``
+    with ``a = dCE/dlogits`` (the fact iDLG's label rule rests on), so its distance terms are
+    ``|h|^2 |a|^2`` and ``h^T T a``, and the VJP needs ``dD/dG_W = c1 h a^T + c2 T`` only
+    through ``(h . h0)(a . a0)`` and ``h^T T a``. The L2 value is still computed as
+    ``sum((h a^T - T)^2)`` in one fused pass (``|h|^2|a|^2 - 2 h^T T a + |T|^2`` cancels in
+    float32 near a match). Same value and gradient to rounding; 10x cheaper with 5,749 classes.
     """
-    return _distance_and_feature(apply_fn, distance, soft, False, z, variables, target_grads, weights, label)[0]
+    fn = _distance_and_feature_factored if factored_head else _distance_and_feature
+    return fn(apply_fn, distance, soft, False, z, variables, target_grads, weights, label)[0]
 
 
-def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target_grads, weights, label):
+def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target_grads, weights, label, factored_head=False):
     """``(gradient_distance(...), h(x'))``: the distance and the last-layer input ``h(x')`` ``(d,)``, one forward pass.
 
     Paper 2's feature matching (Wang, Liang, He, ICLR 2024; ALGORITHMS.md
     §4.9(b)) needs ``h(x')`` next to the dummy gradient; the forward pass that
     gives ``grad_theta CE`` gives it too (``apply_fn(..., return_feature=True)``,
-    ``jax.grad(..., has_aux=True)``). Arguments as :func:`gradient_distance`.
+    ``jax.grad(..., has_aux=True)``). Arguments (``factored_head`` too) as :func:`gradient_distance`.
     With cotangents ``(c, c_h)`` the VJP is ``grad_z [c jvp_theta CE[dD/dG] +
     <c_h, h>]``, one reverse pass over one reverse-over-forward function, so a
     feature term costs no extra forward or backward pass of the network.
     Only ``z`` is differentiable.
     """
-    return _distance_and_feature(apply_fn, distance, soft, True, z, variables, target_grads, weights, label)
+    fn = _distance_and_feature_factored if factored_head else _distance_and_feature
+    return fn(apply_fn, distance, soft, True, z, variables, target_grads, weights, label)
 
 
 def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:
@@ -198,6 +288,7 @@ def matching_objective(
     tv: float = 0.0,
     exclude_tensors: Sequence[str] = (),
     feature_weight: float = 0.0,
+    factored_head: bool = False,
 ) -> Callable[[PyTree], Array]:
     """The function of the dummy ``z = {"x": x' (H, W, C), ["v": v (K,)]}`` that gradient matching minimises.
 
@@ -211,6 +302,7 @@ def matching_objective(
     (DLG). ``feature`` ``(d,)`` is a recovered last-layer input, used only when
     ``feature_weight > 0``; ``h(x')`` comes from ``apply_fn(variables, x, return_feature=True)``
     in the forward pass of the dummy gradient (:func:`gradient_distance_and_feature`).
+    ``factored_head``: the head kernel's gradient in factored form (:func:`gradient_distance`).
     """
     if distance not in DISTANCES:
         raise ValueError(f"distance must be one of {sorted(DISTANCES)}, got {distance!r}")
@@ -222,9 +314,9 @@ def matching_objective(
 
     def objective(z):
         if use_feature:
-            d, h = gradient_distance_and_feature(apply_fn, dist, soft, z, variables, target_grads, weights, y)
+            d, h = gradient_distance_and_feature(apply_fn, dist, soft, z, variables, target_grads, weights, y, factored_head)
         else:
-            d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y)
+            d = gradient_distance(apply_fn, dist, soft, z, variables, target_grads, weights, y, factored_head)
         if tv:
             d = d + tv * total_variation(z["x"])
         if use_feature:

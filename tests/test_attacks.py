@@ -290,3 +290,15 @@ def test_evals_counts_every_objective_evaluation(config):
     assert int(evals) == len(calls)
     if config.optimizer == "optax_lbfgs":
         assert int(evals) > int(steps) + 1  # the line search tried more than one step size somewhere
+
+
+def test_factored_head_is_on_for_jaxleak_models_only_and_changes_nothing_but_speed(tiny):
+    apply = tiny["model"].apply
+    wrapped = lambda v, x, **kw: apply(v, x, **kw)
+    assert models.follows_head_convention(apply) and not models.follows_head_convention(wrapped)
+    p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
+    run = lambda fn, **kw: attacks.idlg(jax.random.PRNGKey(2), fn, p, g, SHAPE, config=_few_steps(2, **kw))
+    auto, dense, forced = run(apply), run(wrapped), run(wrapped, factored_head=True)  # factored, dense, factored
+    np.testing.assert_allclose(auto.x, forced.x, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(auto.x, dense.x, rtol=1e-3, atol=1e-4)  # float32 rounding, amplified by 2 L-BFGS steps
+    assert int(auto.evals) == int(dense.evals)

@@ -68,14 +68,15 @@ def test_feature_distance():
 # ---------------------------------------------------------------- gradient distance, objective
 
 
-@pytest.mark.parametrize("distance,soft", [("l2", False), ("l2", True), ("cosine", True)])
-def test_gradient_distance_vjp_equals_double_backprop(tiny, distance, soft):
-    """The reverse-over-forward gradient equals jax.grad through jax.grad (float64 oracle)."""
+@pytest.mark.parametrize("factored", [False, True], ids=["dense", "factored"])
+@pytest.mark.parametrize("distance,soft", [("l2", False), ("l2", True), ("cosine", False), ("cosine", True)])
+def test_gradient_distance_vjp_equals_double_backprop(tiny, distance, soft, factored):
+    """The reverse-over-forward gradient (and its factored-head form) equals jax.grad through jax.grad (float64 oracle)."""
     with jax.enable_x64(True):
         f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
         p, g = f64(tiny["take"](tiny["params"], 0)), f64(tiny["take"](tiny["grads"], 0))
         dist = objectives.DISTANCES[distance]
-        w = objectives.tensor_weights(g, weights={"conv1/kernel": 3.0}, exclude=("head/bias",))
+        w = objectives.tensor_weights(g, weights={"conv1/kernel": 3.0, "head/kernel": 0.5}, exclude=("head/bias",))
         z = {"x": jax.random.normal(jax.random.PRNGKey(9), SHAPE, jnp.float64),
              "v": jax.random.normal(jax.random.PRNGKey(10), (K,), jnp.float64)}
         label = f64(tiny["y"][0])
@@ -84,8 +85,10 @@ def test_gradient_distance_vjp_equals_double_backprop(tiny, distance, soft):
             y = jax.nn.softmax(zz["v"]) if soft else label
             return dist(victims.gradient(tiny["model"].apply, p, zz["x"], y), g, w)
 
-        ours = jax.grad(lambda zz: objectives.gradient_distance(tiny["model"].apply, dist, soft, zz, p, g, w, label))(z)
-        ref = jax.grad(reference)(z)
+        ours_value, ours = jax.value_and_grad(
+            lambda zz: objectives.gradient_distance(tiny["model"].apply, dist, soft, zz, p, g, w, label, factored))(z)
+        ref_value, ref = jax.value_and_grad(reference)(z)
+        np.testing.assert_allclose(ours_value, ref_value, rtol=1e-12)
         np.testing.assert_allclose(ours["x"], ref["x"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(ours["v"], ref["v"], rtol=1e-9, atol=1e-12)
 
@@ -96,8 +99,9 @@ def test_matching_objective_rejects_unknown_distance(tiny):
         objectives.matching_objective(tiny["model"].apply, p, g, tiny["y"][0], distance="l1")
 
 
+@pytest.mark.parametrize("factored", [False, True], ids=["dense", "factored"])
 @pytest.mark.parametrize("distance,soft", [("l2", False), ("cosine", False), ("cosine", True)])
-def test_feature_objective_equals_two_forward_formulation(tiny, distance, soft):
+def test_feature_objective_equals_two_forward_formulation(tiny, distance, soft, factored):
     """One-forward feature matching = plain jax.grad of [distance of jax.grad + TV + feature term with its own forward]."""
     apply, exclude, fw, tv = tiny["model"].apply, ("head/kernel",), 2.0, 0.1
     with jax.enable_x64(True):
@@ -117,7 +121,7 @@ def test_feature_objective_equals_two_forward_formulation(tiny, distance, soft):
                     + tv * objectives.total_variation(zz["x"]) + fw * objectives.feature_distance(h, target, distance))
 
         ours = objectives.matching_objective(apply, p, g, label, target, distance=distance, tv=tv, exclude_tensors=exclude,
-                                             feature_weight=fw)
+                                             feature_weight=fw, factored_head=factored)
         value, grad = jax.jit(jax.value_and_grad(ours))(z)
         ref_value, ref_grad = jax.value_and_grad(reference)(z)
         np.testing.assert_allclose(value, ref_value, rtol=1e-12)
@@ -132,7 +136,7 @@ def test_feature_objective_equals_two_forward_formulation(tiny, distance, soft):
     y32 = None if soft else tiny["y"][0]
     h32 = jnp.asarray(target, jnp.float32)
     ours32 = objectives.matching_objective(apply, p32, g32, y32, h32, distance=distance, tv=tv, exclude_tensors=exclude,
-                                           feature_weight=fw)
+                                           feature_weight=fw, factored_head=factored)
     value32, grad32 = jax.value_and_grad(ours32)(z32)
     np.testing.assert_allclose(value32, ref_value, rtol=1e-4)
     for name in z:
@@ -146,3 +150,17 @@ def test_gradient_distance_and_feature_returns_the_forward_feature(tiny):
     value, h = objectives.gradient_distance_and_feature(apply, dist, False, z, p, g, None, tiny["y"][0])
     np.testing.assert_array_equal(h, victims.feature(apply, p, tiny["x"][1]))
     np.testing.assert_allclose(value, objectives.gradient_distance(apply, dist, False, z, p, g, None, tiny["y"][0]), rtol=1e-6)
+
+
+def test_factored_head_l2_value_does_not_cancel_at_a_match(tiny):
+    """At the true image the L2 distance is ~0 in float32 with the factored head too: its value is the fused
+    sum((h a^T - T)^2), not |h|^2|a|^2 - 2 h^T T a + |T|^2, whose float32 rounding (~1e-7 |T|^2) would hide
+    the 1e-6 stopping threshold."""
+    apply, p, g, y = tiny["model"].apply, tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0), tiny["y"][0]
+    dist = objectives.DISTANCES["l2"]
+    z = {"x": tiny["x"][0]}
+    dense = objectives.gradient_distance(apply, dist, False, z, p, g, None, y)
+    factored = objectives.gradient_distance(apply, dist, False, z, p, g, None, y, True)
+    scale = float(jnp.sum(g["head"]["kernel"] ** 2))
+    assert scale > 1e-3 and float(dense) < 1e-12 * scale
+    assert float(factored) < 1e-12 * scale
