@@ -50,6 +50,12 @@ ApplyFn = Callable[..., Any]
 #: devices the loop is dealt round-robin over them.
 DEFAULT_STRATEGY = {"cpu": "loop", "gpu": "vmap", "tpu": "vmap"}
 
+#: Smallest head kernel (d * K entries) for which ``AttackConfig.factored_head=None`` factors it.
+#: LeNet with K = 100 (76,800 entries): 1.64 vs 1.80 ms per value-and-gradient on one CPU device but
+#: no faster on the 2-device victim loop (1.71-1.84 vs 1.77-1.80 ms per evaluation, 8 CIFAR-100
+#: victims, 2026-12-03), so small heads keep the dense form and their published trajectories.
+FACTORED_HEAD_MIN_SIZE = 2**18
+
 # --------------------------------------------------------------------------
 # Configuration and results
 # --------------------------------------------------------------------------
@@ -99,12 +105,14 @@ class AttackConfig:
         ``distance="l2"``, ``f_s (1 - cos(h(x'), h_hat))`` with ``"cosine"``. Needs
         the ``feature`` argument of :func:`given_label`; 0 (default) adds nothing.
       factored_head: compute the last layer's kernel gradient ``h a^T`` in factored form
-        (``jaxleak.objectives.gradient_distance``): the same objective and gradient without
-        forming the ``(d, K)`` dummy gradient, which dominates with many classes (LeNet on
-        the CPU: 1.6 vs 1.8 ms per evaluation with K = 100, 8.4 vs 86.5 ms with LFW's 5,749).
-        Needs a model that follows ``jaxleak.models``' last layer convention (a dense
-        ``"head"`` fed by the ``h`` of ``return_feature=True``). ``None`` (default): on when
-        ``apply_fn`` is one of ``jaxleak.models``' networks (:func:`jaxleak.models.follows_head_convention`).
+        (``jaxleak.objectives.gradient_distance``): the same objective and gradient (to
+        rounding) without forming the ``(d, K)`` dummy gradient, which dominates with many
+        classes (LeNet's value-and-gradient on the CPU: 8.4 vs 86.5 ms with LFW's 5,749
+        classes, 2.96 vs 6.08 ms with 1,000). Needs a model that follows ``jaxleak.models``'
+        last layer convention (a dense ``"head"`` fed by the ``h`` of ``return_feature=True``).
+        ``None`` (default): on when ``apply_fn`` is one of ``jaxleak.models``' networks
+        (:func:`jaxleak.models.follows_head_convention`) and the head kernel has at least
+        :data:`FACTORED_HEAD_MIN_SIZE` entries.
     """
 
     distance: str = "l2"
@@ -350,7 +358,10 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
 def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: Optional[Array],
                feature: Optional[Array] = None) -> Callable[[PyTree], Array]:
     """``jaxleak.objectives.matching_objective`` with ``config``'s distance, TV, excluded tensors, feature weight and head."""
-    factored = _models.follows_head_convention(apply_fn) if config.factored_head is None else config.factored_head
+    factored = config.factored_head
+    if factored is None:
+        kernel = _models.last_layer(_params(variables))[0]
+        factored = _models.follows_head_convention(apply_fn) and kernel.size >= FACTORED_HEAD_MIN_SIZE
     return _objectives.matching_objective(
         apply_fn, variables, target_grads, label, feature, distance=config.distance, tv=config.tv,
         exclude_tensors=config.exclude_tensors, feature_weight=config.feature_weight, factored_head=factored,

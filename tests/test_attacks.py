@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxleak import attacks, lbfgs, models
+from jaxleak import attacks, lbfgs, models, victims
 
 SHAPE = (8, 8, 1)
 K = 10  # SHAPE and K are those of the `tiny` fixture (conftest.py)
@@ -292,13 +292,26 @@ def test_evals_counts_every_objective_evaluation(config):
         assert int(evals) > int(steps) + 1  # the line search tried more than one step size somewhere
 
 
-def test_factored_head_is_on_for_jaxleak_models_only_and_changes_nothing_but_speed(tiny):
-    apply = tiny["model"].apply
-    wrapped = lambda v, x, **kw: apply(v, x, **kw)
-    assert models.follows_head_convention(apply) and not models.follows_head_convention(wrapped)
-    p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
-    run = lambda fn, **kw: attacks.idlg(jax.random.PRNGKey(2), fn, p, g, SHAPE, config=_few_steps(2, **kw))
-    auto, dense, forced = run(apply), run(wrapped), run(wrapped, factored_head=True)  # factored, dense, factored
-    np.testing.assert_allclose(auto.x, forced.x, rtol=1e-6, atol=1e-7)
+def test_factored_head_default_is_on_for_large_heads_of_jaxleak_models(tiny):
+    """``factored_head=None`` factors the head of jaxleak's networks from FACTORED_HEAD_MIN_SIZE entries on:
+    the same iterates as forcing it, and the dense form's to float32 rounding; small heads stay dense."""
+    wrap = lambda apply: (lambda v, x, **kw: apply(v, x, **kw))
+    assert models.follows_head_convention(tiny["model"].apply) and not models.follows_head_convention(wrap(tiny["model"].apply))
+
+    def runs(model, p, g, forced=True):
+        run = lambda fn, **kw: attacks.idlg(jax.random.PRNGKey(2), fn, p, g, SHAPE, config=_few_steps(2, **kw))
+        return run(model.apply), run(wrap(model.apply)), run(wrap(model.apply), factored_head=True) if forced else None
+
+    # Small head (48 x 10): the default is the dense form, bit for bit.
+    auto, dense, _ = runs(tiny["model"], tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0), forced=False)
+    np.testing.assert_array_equal(auto.x, dense.x)
+    # Large head (48 x 5,500 >= 2**18 entries): the default is the factored form.
+    k = 5500
+    assert 48 * k >= attacks.FACTORED_HEAD_MIN_SIZE
+    model = models.LeNet(k)
+    p = models.init_uniform(model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE))), jax.random.PRNGKey(1))
+    g = victims.gradient(model.apply, p, tiny["x"][0], jax.nn.one_hot(3, k))
+    auto, dense, forced = runs(model, p, g)
+    np.testing.assert_array_equal(auto.x, forced.x)
     np.testing.assert_allclose(auto.x, dense.x, rtol=1e-3, atol=1e-4)  # float32 rounding, amplified by 2 L-BFGS steps
     assert int(auto.evals) == int(dense.evals)
