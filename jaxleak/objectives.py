@@ -79,11 +79,20 @@ def cosine_distance(grads: PyTree, target: PyTree, weights: Optional[PyTree] = N
     vector, not a mean of per-tensor cosines. Invariant to positive rescaling
     of either argument; 0 iff parallel, 2 iff antiparallel.
     """
+    return _cosine_from_sums(*_cosine_sums(grads, target, weights))
+
+
+def _cosine_sums(grads: PyTree, target: PyTree, weights: Optional[PyTree]) -> tuple[Array, Array, Array]:
+    """``(sum_t w_t <g_t, t_t>, sum_t w_t |g_t|^2, sum_t w_t |t_t|^2)``."""
     if weights is None:
         weights = jax.tree_util.tree_map(lambda _: 1.0, target)
     dot = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, b, w: w * jnp.vdot(a, b), grads, target, weights)))
     na = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a, w: w * jnp.vdot(a, a), grads, weights)))
     nb = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda b, w: w * jnp.vdot(b, b), target, weights)))
+    return dot, na, nb
+
+
+def _cosine_from_sums(dot: Array, na: Array, nb: Array) -> Array:
     return 1.0 - dot / (jnp.sqrt(na) * jnp.sqrt(nb) + 1e-12)
 
 
@@ -178,13 +187,8 @@ def _head_distance(distance, g_rest, t_rest, w_rest, w_head, gg, gt, tt):
     if distance is l2_distance:
         return l2_distance(g_rest, t_rest, w_rest) + w_head * (gg - 2 * gt + tt)
     if distance is cosine_distance:
-        if w_rest is None:
-            w_rest = jax.tree_util.tree_map(lambda _: 1.0, t_rest)
-        total = lambda f, *trees: sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(f, *trees)))
-        dot = total(lambda a, b, w: w * jnp.vdot(a, b), g_rest, t_rest, w_rest) + w_head * gt
-        na = total(lambda a, w: w * jnp.vdot(a, a), g_rest, w_rest) + w_head * gg
-        nb = total(lambda b, w: w * jnp.vdot(b, b), t_rest, w_rest) + w_head * tt
-        return 1.0 - dot / (jnp.sqrt(na) * jnp.sqrt(nb) + 1e-12)
+        dot, na, nb = _cosine_sums(g_rest, t_rest, w_rest)
+        return _cosine_from_sums(dot + w_head * gt, na + w_head * gg, nb + w_head * tt)
     raise ValueError(f"factored_head supports the distances {sorted(DISTANCES)}, got {distance!r}")
 
 
