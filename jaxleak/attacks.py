@@ -360,7 +360,7 @@ def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: O
     """``jaxleak.objectives.matching_objective`` with ``config``'s distance, TV, excluded tensors, feature weight and head."""
     factored = config.factored_head
     if factored is None:
-        kernel = _models.last_layer(_params(variables))[0]
+        kernel = _models.last_layer(variables)[0]
         factored = _models.follows_head_convention(apply_fn) and kernel.size >= FACTORED_HEAD_MIN_SIZE
     return _objectives.matching_objective(
         apply_fn, variables, target_grads, label, feature, distance=config.distance, tv=config.tv,
