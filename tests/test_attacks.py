@@ -293,25 +293,36 @@ def test_evals_counts_every_objective_evaluation(config):
 
 
 def test_factored_head_default_is_on_for_large_heads_of_jaxleak_models(tiny):
-    """``factored_head=None`` factors the head of jaxleak's networks from FACTORED_HEAD_MIN_SIZE entries on:
-    the same iterates as forcing it, and the dense form's to float32 rounding; small heads stay dense."""
+    """``factored_head=None`` factors the head of jaxleak's networks from FACTORED_HEAD_MIN_SIZE entries on: the
+    attack's objective then equals the forced factored one bit for bit and the dense one to float32 rounding;
+    small heads and models outside the convention stay dense, bit for bit. (The objective every attack
+    minimises is ``attacks._objective``; comparing it, not whole attacks, keeps this to six small compilations.)"""
     wrap = lambda apply: (lambda v, x, **kw: apply(v, x, **kw))
     assert models.follows_head_convention(tiny["model"].apply) and not models.follows_head_convention(wrap(tiny["model"].apply))
+    z = {"x": tiny["x"][1]}
 
-    def runs(model, p, g, forced=True):
-        run = lambda fn, **kw: attacks.idlg(jax.random.PRNGKey(2), fn, p, g, SHAPE, config=_few_steps(2, **kw))
-        return run(model.apply), run(wrap(model.apply)), run(wrap(model.apply), factored_head=True) if forced else None
+    def value_and_grad(apply, p, g, y, factored_head):
+        cfg = dataclasses.replace(attacks.PAPER, factored_head=factored_head)
+        return jax.jit(jax.value_and_grad(attacks._objective(apply, p, g, cfg, y)))(z)
 
     # Small head (48 x 10): the default is the dense form, bit for bit.
-    auto, dense, _ = runs(tiny["model"], tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0), forced=False)
-    np.testing.assert_array_equal(auto.x, dense.x)
-    # Large head (48 x 5,500 >= 2**18 entries): the default is the factored form.
+    p, g, y = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0), tiny["y"][0]
+    auto, dense = (value_and_grad(tiny["model"].apply, p, g, y, f) for f in (None, False))
+    np.testing.assert_array_equal(auto[1]["x"], dense[1]["x"])
+    assert float(auto[0]) == float(dense[0])
+    # Large head (48 x 5,500 >= 2**18 entries): the default is the factored form for jaxleak's LeNet, the dense
+    # one for a wrapped apply (the convention is not known to hold there).
     k = 5500
     assert 48 * k >= attacks.FACTORED_HEAD_MIN_SIZE
     model = models.LeNet(k)
     p = models.init_uniform(model.init(jax.random.PRNGKey(0), jnp.zeros((1, *SHAPE))), jax.random.PRNGKey(1))
-    g = victims.gradient(model.apply, p, tiny["x"][0], jax.nn.one_hot(3, k))
-    auto, dense, forced = runs(model, p, g)
-    np.testing.assert_array_equal(auto.x, forced.x)
-    np.testing.assert_allclose(auto.x, dense.x, rtol=1e-3, atol=1e-4)  # float32 rounding, amplified by 2 L-BFGS steps
-    assert int(auto.evals) == int(dense.evals)
+    y = jax.nn.one_hot(3, k)
+    g = victims.gradient(model.apply, p, tiny["x"][0], y)
+    auto, forced, dense = (value_and_grad(model.apply, p, g, y, f) for f in (None, True, False))
+    wrapped = value_and_grad(wrap(model.apply), p, g, y, None)
+    np.testing.assert_array_equal(auto[1]["x"], forced[1]["x"])
+    np.testing.assert_array_equal(wrapped[1]["x"], dense[1]["x"])
+    assert not np.array_equal(auto[1]["x"], dense[1]["x"])  # the two forms really differ in rounding
+    # float32 sums over 264,000 head entries in two different orders: agreement to ~3e-5 of the largest entry.
+    np.testing.assert_allclose(auto[1]["x"], dense[1]["x"], rtol=1e-3, atol=1e-4 * float(jnp.max(jnp.abs(dense[1]["x"]))))
+    np.testing.assert_allclose(auto[0], dense[0], rtol=1e-5)
