@@ -56,13 +56,9 @@ def test_lenet_forward_equals_independent_nchw_computation():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("conv", [pytest.param("patches", marks=pytest.mark.slow), "slices"])
+@pytest.mark.parametrize("conv", ["patches", "slices"])
 def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order(conv):
-    """conv="patches"/"slices" compute the same function as nn.Conv, and the same gradient-of-gradient (float64).
-
-    "patches" (the GPU default) is in the slow selection: its float64 second order took 31 s of the suite on
-    the CPU, and the default suite still checks it at first order (test_patch_conv_equals_nn_conv) and
-    inside the attack (tests/test_attacks.py::test_fast_code_paths_agree_with_pytorch_order_ones)."""
+    """conv="patches"/"slices" compute the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
     with jax.enable_x64(True):
         x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), jnp.float64)  # d = 48: small, same code path
         xla, patches = jl.LeNet(10, conv="xla"), jl.LeNet(10, conv=conv)
@@ -75,8 +71,9 @@ def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order(conv):
             g = jax.grad(lambda p: jnp.sum(jax.nn.log_softmax(model.apply({"params": p}, xx))[:, 3]))(v["params"])
             return sum(jnp.sum(a**2) for a in jax.tree_util.tree_leaves(g))
 
-        np.testing.assert_allclose(jax.grad(lambda xx: grad_norm(patches, xx))(x),
-                                   jax.grad(lambda xx: grad_norm(xla, xx))(x), rtol=1e-9, atol=1e-12)
+        # jitted: two compiled programs instead of hundreds of eager float64 ops (28-31 s each, eager).
+        np.testing.assert_allclose(jax.jit(jax.grad(lambda xx: grad_norm(patches, xx)))(x),
+                                   jax.jit(jax.grad(lambda xx: grad_norm(xla, xx)))(x), rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="conv must be"):
         jl.LeNet(10, conv="fft").init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
 
