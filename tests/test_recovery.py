@@ -187,6 +187,17 @@ def test_vmap_jit_equal_single_calls():
         np.testing.assert_allclose(one.label, user.label[i], atol=1e-6)
 
 
+@pytest.mark.parametrize("search", ["robust", "paper"])
+def test_jit_with_concrete_arrays_closed_over(search):
+    """Inside jit, closed-over arrays are concrete but results computed from them are traced: the error
+    checks must not turn such a result into a Python bool (TracerBoolConversionError)."""
+    G, W, *_ = problem(np.random.default_rng(9), 10, "smoothing")
+    G, W = jnp.asarray(G, jnp.float32), jnp.asarray(W, jnp.float32)
+    assert int(jax.jit(lambda: recovery.idlg_label(G))()) == int(recovery.idlg_label(G))
+    inside = jax.jit(lambda: recovery.soft_label(G, W, kind="smoothing", search=search))()
+    np.testing.assert_allclose(inside.label, recovery.soft_label(G, W, kind="smoothing", search=search).label, atol=1e-6)
+
+
 @pytest.mark.parametrize("kind", ["smoothing", "mixup"])
 def test_paper_search_reproduces_labels(kind):
     G, W, _, _, y, _ = batch(7, 16, 10, kind)

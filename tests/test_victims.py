@@ -138,6 +138,18 @@ def test_gradient_is_jittable_and_vmappable(lenet, batch):
     chex.assert_trees_all_close(f(xs, ys), _loop(model, v, xs, ys, False), rtol=1e-4, atol=1e-6)
 
 
+def test_gradient_under_jit_with_concrete_arrays_closed_over(lenet, batch):
+    """Arrays closed over by a jitted function are concrete, but what is computed from them is traced: the
+    input checks must not turn such a result into a Python bool (TracerBoolConversionError)."""
+    model, v = lenet
+    xs, labels = batch
+    x, y, ys = xs[0], jl.one_hot(labels[0], K), jl.one_hot(labels, K)
+    chex.assert_trees_all_close(jax.jit(lambda: jl.gradient(model.apply, v, x, y))(), jl.gradient(model.apply, v, x, y),
+                                rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(jax.jit(lambda: jl.gradients(model.apply, v, xs, ys))(), jl.gradients(model.apply, v, xs, ys),
+                                rtol=1e-4, atol=1e-6)
+
+
 def test_chunk_size_respects_the_memory_budget(lenet, batch):
     model, v = lenet
     fn = lambda x, y: jl.gradient(model.apply, v, x, y)

@@ -74,7 +74,7 @@ def idlg_label(weight_grad: Array, *, bias_grad: Optional[Array] = None, method:
         if bias_grad.shape != weight_grad.shape[:-2] + weight_grad.shape[-1:]:
             raise ValueError(f"bias_grad must have shape {weight_grad.shape[:-2] + weight_grad.shape[-1:]}, got {bias_grad.shape}")
     label = _idlg_jit(weight_grad, bias_grad, method, batched)
-    if errors == "raise" and _is_concrete(weight_grad, bias_grad) and bool(jnp.any(label < 0)):
+    if errors == "raise" and _is_concrete(label) and bool(jnp.any(label < 0)):  # label: traced under an outer jit
         reasons = jax.jit(jax.vmap(_input_reason) if batched else _input_reason)(weight_grad, None, None, bias_grad)
         _raise_for_reasons(reasons, "idlg_label: weight_grad is unusable")
     return label

@@ -55,9 +55,13 @@ def _compiled(name: str, kind: str, search: str, cfg, axes: Optional[tuple]):
     return jax.jit(jax.vmap(fn, in_axes=axes) if axes is not None else fn)
 
 
-def _paper_host(G, W, b, axes, kind, cfg) -> SoftLabel:
-    """Concrete victims: stage A for all, the swarm only for those that gave up (no select over victims)."""
+def _paper_host(G, W, b, axes, kind, cfg) -> Optional[SoftLabel]:
+    """Concrete victims: stage A for all, the swarm only for those that gave up (no select over victims).
+
+    ``None`` when stage A's results are traced (inside an outer ``jit``): the caller then runs the compiled search."""
     s, L, give_up = _compiled("stage_a", kind, "paper", cfg, axes + (None,))(G, W, b, None)
+    if isinstance(give_up, jax.core.Tracer):  # concrete inputs closed over by an outer jit: results are traced
+        return None
     need = np.flatnonzero(np.asarray(give_up))
     if need.size:
         take = lambda x, ax: x if (x is None or ax is None) else x[need]
@@ -139,16 +143,16 @@ def soft_label(
     if batched:
         axes = (0, 0 if W.ndim == 3 else None, None if b is None else (0 if b.ndim == 2 else None),
                 None if db is None else (0 if db.ndim == 2 else None))
-    concrete = _is_concrete(G, W, b, db)
-    if search == "paper" and db is None and concrete:
+    out = None
+    if search == "paper" and db is None and _is_concrete(G, W, b, db):
         if batched:
             out = _paper_host(G, W, b, axes[:3], kind, config)
         else:
             out = _paper_host(G[None], W, b, (0, None, None), kind, config)
-            out = jax.tree_util.tree_map(lambda x: x[0], out)
-    else:
+            out = None if out is None else jax.tree_util.tree_map(lambda x: x[0], out)
+    if out is None:
         out = _compiled("one", kind, search, config, axes)(G, W, b, db)
-    if concrete and errors == "raise":
+    if errors == "raise" and _is_concrete(out.reason):  # traced under an outer jit even for concrete inputs
         _raise_for_reasons(out.reason, "soft_label: weight_grad is unusable")
     return out
 
