@@ -107,7 +107,7 @@ def test_first_order_modes_decrease_the_objective(tiny, config):
 def test_restarts_keep_the_best(tiny):
     p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
     cfg = _few_steps(2, restarts=3)
-    best = attacks.idlg(jax.random.PRNGKey(8), tiny["model"].apply, p, g, SHAPE, config=cfg)
+    best = jax.jit(lambda k: attacks.idlg(k, tiny["model"].apply, p, g, SHAPE, config=cfg))(jax.random.PRNGKey(8))
     one = jax.jit(lambda k, pp, gg: attacks.idlg(k, tiny["model"].apply, pp, gg, SHAPE, config=dataclasses.replace(cfg, restarts=1)))
     singles = [one(k, p, g) for k in jax.random.split(jax.random.PRNGKey(8), 3)]
     np.testing.assert_allclose(float(best.loss), min(float(s.loss) for s in singles), rtol=1e-4)
