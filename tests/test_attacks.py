@@ -150,8 +150,8 @@ def test_fast_code_paths_agree_with_pytorch_order_ones(tiny, conv):
     with jax.enable_x64(True):  # float32 rounding differences grow along an L-BFGS run; float64 keeps them tiny
         f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
         p, g, key = f64(tiny["take"](tiny["params"], 0)), f64(tiny["take"](tiny["grads"], 0)), jax.random.PRNGKey(4)
-        ref = attacks.idlg(key, models.LeNet(K, conv="xla").apply, p, g, SHAPE, config=cfg)
-        ours = attacks.idlg(key, models.LeNet(K, conv=conv).apply, p, g, SHAPE, config=fast)
+        ref = jax.jit(lambda: attacks.idlg(key, models.LeNet(K, conv="xla").apply, p, g, SHAPE, config=cfg))()
+        ours = jax.jit(lambda: attacks.idlg(key, models.LeNet(K, conv=conv).apply, p, g, SHAPE, config=fast))()
         assert ref.x.dtype == jnp.float64 and int(ref.evals) > 3 * 3  # the 3-slot history wrapped
         np.testing.assert_allclose(ours.x, ref.x, rtol=1e-6, atol=1e-8)
 
