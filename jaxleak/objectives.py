@@ -192,28 +192,36 @@ def _head_distance(distance, g_rest, t_rest, w_rest, w_head, gg, gt, tt):
     raise ValueError(f"factored_head supports the distances {sorted(DISTANCES)}, got {distance!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _distance_and_feature_factored(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label):
-    return _distance_and_feature_factored_fwd(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights,
-                                              label)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def _distance_and_feature_factored(apply_fn, distance, soft, with_feature, with_head, z, variables, target_grads, weights,
+                                   label):
+    return _distance_and_feature_factored_fwd(apply_fn, distance, soft, with_feature, with_head, z, variables, target_grads,
+                                              weights, label)[0]
 
 
-def _distance_and_feature_factored_fwd(apply_fn, distance, soft, with_feature, z, variables, target_grads, weights, label):
+def _distance_and_feature_factored_fwd(apply_fn, distance, soft, with_feature, with_head, z, variables, target_grads, weights,
+                                       label):
+    """``with_head=False``: the head kernel is excluded (weight 0), so its terms are not computed at all."""
     params, rest = _split_variables(variables)
     p_rest, kernel = _split_head(params)
     t_rest, t_head = _split_head(target_grads)
     w_rest, w_head = _split_head(weights) if weights is not None else (None, 1.0)
     g_rest, (h, a) = jax.grad(_dummy_loss_factored, argnums=2, has_aux=True)(apply_fn, soft, p_rest, kernel, rest, z, label)
-    gg, gt, tt = jnp.vdot(h, h) * jnp.vdot(a, a), h @ t_head @ a, jnp.vdot(t_head, t_head)
+    if with_head:
+        gg, gt, tt = jnp.vdot(h, h) * jnp.vdot(a, a), h @ t_head @ a, jnp.vdot(t_head, t_head)
+    else:
+        gg = gt = tt = w_head = jnp.zeros((), h.dtype)
     value, (d_rest, d_gg, d_gt) = jax.value_and_grad(
         lambda g, gg_, gt_: _head_distance(distance, g, t_rest, w_rest, w_head, gg_, gt_, tt), argnums=(0, 1, 2)
     )(g_rest, gg, gt)
     if distance is l2_distance:  # the same value without the cancellation of gg - 2 gt + tt near a match
-        value = l2_distance(g_rest, t_rest, w_rest) + w_head * jnp.sum((jnp.outer(h, a) - t_head) ** 2)
+        value = l2_distance(g_rest, t_rest, w_rest)
+        if with_head:
+            value = value + w_head * jnp.sum((jnp.outer(h, a) - t_head) ** 2)
     return (value, h), (z, variables, target_grads, weights, label, d_rest, 2 * d_gg, d_gt, h, a)
 
 
-def _distance_and_feature_factored_bwd(apply_fn, distance, soft, with_feature, res, cts):
+def _distance_and_feature_factored_bwd(apply_fn, distance, soft, with_feature, with_head, res, cts):
     z, variables, target_grads, weights, label, d_rest, c1, c2, h0, a0 = res
     ct, ct_h = cts
     params, rest = _split_variables(variables)
@@ -224,7 +232,7 @@ def _distance_and_feature_factored_bwd(apply_fn, distance, soft, with_feature, r
         (_, (h, a)), (directional, _) = jax.jvp(
             lambda p: _dummy_loss_factored(apply_fn, soft, p, kernel, rest, zz, label), (p_rest,), (d_rest,)
         )
-        head = c1 * jnp.vdot(h, h0) * jnp.vdot(a, a0) + c2 * (h @ t_head @ a)
+        head = c1 * jnp.vdot(h, h0) * jnp.vdot(a, a0) + c2 * (h @ t_head @ a) if with_head else 0.0
         return ct * (directional + head) + (jnp.vdot(ct_h, h) if with_feature else 0.0)
 
     zeros = lambda t: jax.tree_util.tree_map(jnp.zeros_like, t)
@@ -232,6 +240,16 @@ def _distance_and_feature_factored_bwd(apply_fn, distance, soft, with_feature, r
 
 
 _distance_and_feature_factored.defvjp(_distance_and_feature_factored_fwd, _distance_and_feature_factored_bwd)
+
+
+def _distance_fn(factored_head, weights):
+    """The custom-VJP distance to use; a factored head whose kernel has weight 0 (excluded) skips its terms."""
+    if not factored_head:
+        return _distance_and_feature
+    w_kernel = None if weights is None else weights[_models.HEAD]["kernel"]
+    with_head = not (isinstance(w_kernel, (int, float)) and w_kernel == 0)
+    return lambda apply_fn, distance, soft, with_feature, *args: _distance_and_feature_factored(
+        apply_fn, distance, soft, with_feature, with_head, *args)
 
 
 def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weights, label, factored_head=False):
@@ -251,8 +269,7 @@ def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weig
     ``sum((h a^T - T)^2)`` in one fused pass (``|h|^2|a|^2 - 2 h^T T a + |T|^2`` cancels in
     float32 near a match). Same value and gradient to rounding; 10x cheaper with 5,749 classes.
     """
-    fn = _distance_and_feature_factored if factored_head else _distance_and_feature
-    return fn(apply_fn, distance, soft, False, z, variables, target_grads, weights, label)[0]
+    return _distance_fn(factored_head, weights)(apply_fn, distance, soft, False, z, variables, target_grads, weights, label)[0]
 
 
 def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target_grads, weights, label, factored_head=False):
@@ -267,8 +284,7 @@ def gradient_distance_and_feature(apply_fn, distance, soft, z, variables, target
     feature term costs no extra forward or backward pass of the network.
     Only ``z`` is differentiable.
     """
-    fn = _distance_and_feature_factored if factored_head else _distance_and_feature
-    return fn(apply_fn, distance, soft, True, z, variables, target_grads, weights, label)
+    return _distance_fn(factored_head, weights)(apply_fn, distance, soft, True, z, variables, target_grads, weights, label)
 
 
 def feature_distance(h: Array, target: Array, distance: str = "l2") -> Array:

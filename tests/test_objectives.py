@@ -164,3 +164,22 @@ def test_factored_head_l2_value_does_not_cancel_at_a_match(tiny):
     scale = float(jnp.sum(g["head"]["kernel"] ** 2))
     assert scale > 1e-3 and float(dense) < 1e-12 * scale
     assert float(factored) < 1e-12 * scale
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_factored_head_excluded_is_not_computed(tiny, distance):
+    """With ``head/kernel`` excluded (paper 2's ``f`` variant) the factored form skips the head's terms, so the
+    target's head kernel does not enter at all: a 1e30 there changes nothing (times a weight of 0 it gave NaN)."""
+    apply, p, g, y = tiny["model"].apply, tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0), tiny["y"][0]
+    w = objectives.tensor_weights(g, exclude=("head/kernel",))
+    huge = jax.tree_util.tree_map(lambda a: a, g)
+    huge["head"]["kernel"] = jnp.full_like(g["head"]["kernel"], 1e30)
+    dist = objectives.DISTANCES[distance]
+    run = lambda t, factored: jax.value_and_grad(
+        lambda zz: objectives.gradient_distance(apply, dist, False, zz, p, t, w, y, factored))({"x": tiny["x"][1]})
+    (v, dv), (v_huge, dv_huge) = run(g, True), run(huge, True)
+    assert np.isfinite(float(v_huge)) and float(v_huge) == float(v)
+    np.testing.assert_array_equal(dv_huge["x"], dv["x"])
+    v_dense, dv_dense = run(g, False)  # and it is still the same distance as the dense form's
+    np.testing.assert_allclose(v, v_dense, rtol=1e-5)
+    np.testing.assert_allclose(dv["x"], dv_dense["x"], rtol=1e-4, atol=1e-6 * float(jnp.max(jnp.abs(dv_dense["x"]))))
