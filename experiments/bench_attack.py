@@ -8,6 +8,12 @@ apart), then by ``experiments/torch_reference.py`` on the first
 same machine load. Reports seconds, victims/s and *successful* victims/s
 (final MSE < 1e-3).
 
+By default the reference starts each victim's dummy image where jaxleak's run
+started (``--torch-start jaxleak``), so both solve the same problem from the
+same point and the ratios report, victim by victim, who recovered it
+(``paired``); ``--torch-start own`` keeps the reference's ``torch.randn``.
+Both runs are float32 and chaotic: from one start they can still part ways.
+
 The reference runs as one process with torch's default threads
 (``--torch-workers 1``) and/or dealt over W single-threaded processes
 (``--torch-workers 2``): jaxleak's CPU loop runs one victim per core, and
@@ -107,13 +113,13 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     t = time.time()
     if strategy == "vmap":
         res = jax.block_until_ready(compiled(keys, params, grads))
-        rec, evals = res.x, res.evals
+        rec, evals, starts = res.x, res.evals, res.snapshots[:, 0]
     else:
         outs = [compiled[i % len(devices)](*jax.device_put((keys[i], take(params, i), take(grads, i)), devices[i % len(devices)]))
                 for i in range(n)]
         outs = jax.block_until_ready(outs)
-        rec = jnp.stack([jax.device_put(o.x, devices[0]) for o in outs])
-        evals = jnp.stack([jax.device_put(o.evals, devices[0]) for o in outs])
+        gather = lambda field: jnp.stack([jax.device_put(field(o), devices[0]) for o in outs])
+        rec, evals, starts = gather(lambda o: o.x), gather(lambda o: o.evals), gather(lambda o: o.snapshots[0])
     seconds = time.time() - t
     mse = np.asarray(metrics.mse(rec, x))
     extra = {}
@@ -129,21 +135,23 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
             extra[f"useful_fraction_of_{k}_peak"] = extra["useful_tflops_per_s"] / v
             if "executed_tflops_per_s" in extra:
                 extra[f"executed_fraction_of_{k}_peak"] = extra["executed_tflops_per_s"] / v
-    return _summary("jaxleak", n, seconds, mse, np.asarray(evals), compile_s=compile_s, strategy=strategy,
+    # starts: each victim's x' before step 0 (the first snapshot), for the reference's paired mode; not written out.
+    return _summary("jaxleak", n, seconds, mse, np.asarray(evals), starts=np.asarray(starts), compile_s=compile_s, strategy=strategy,
                     devices=len(devices) if strategy == "loop" else 1, device_kind=devices[0].device_kind,
                     matmul_precision=str(jax.config.jax_default_matmul_precision), **extra)
 
 
-def bench_torch(params, x, y_int, n: int, seed: int, steps: int = 300, workers: int = 1) -> dict:
+def bench_torch(params, x, y_int, n: int, seed: int, steps: int = 300, workers: int = 1, starts=None) -> dict:
     """The PyTorch reference on the first ``n`` victims: in this process with torch's default
     threads (``workers`` 1), or dealt over ``workers`` single-threaded processes (one victim each
-    at a time), as one would run a Python reference on a multi-core machine."""
+    at a time), as one would run a Python reference on a multi-core machine. ``starts`` ``(>= n, H, W, C)``:
+    start victim i's dummy there (paired with jaxleak's runs), else at the reference's own ``torch.randn``."""
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
     import torch
     import torch_reference
 
     tasks = [(jax.tree_util.tree_map(lambda a: np.array(a[i]), params["params"]), np.array(x[i]), int(y_int[i]),
-              "idlg", seed + i, steps) for i in range(n)]
+              "idlg", seed + i, steps) + (() if starts is None else (np.array(starts[i]),)) for i in range(n)]
     if workers == 1:
         t = time.time()
         runs = [torch_reference.attack_victim(task) for task in tasks]
@@ -159,7 +167,15 @@ def bench_torch(params, x, y_int, n: int, seed: int, steps: int = 300, workers: 
             runs = pool.map(torch_reference.attack_victim, tasks, chunksize=1)
             seconds, threads = time.time() - t, 1
     return _summary("torch", n, seconds, np.array([r["mse"] for r in runs]), np.array([r["evals"] for r in runs]),
-                    torch_threads=threads, torch_workers=workers)
+                    torch_threads=threads, torch_workers=workers, start="jaxleak" if starts is not None else "own")
+
+
+def paired_outcomes(jax_mse, torch_mse) -> dict:
+    """Counts of victims recovered (MSE < SUCCESS_MSE) by both, by one only, by neither, on the reference's victims."""
+    ok_j = np.asarray(jax_mse)[: len(torch_mse)] < SUCCESS_MSE
+    ok_t = np.asarray(torch_mse) < SUCCESS_MSE
+    return {"both": int(np.sum(ok_j & ok_t)), "jaxleak_only": int(np.sum(ok_j & ~ok_t)),
+            "torch_only": int(np.sum(~ok_j & ok_t)), "neither": int(np.sum(~ok_j & ~ok_t))}
 
 
 def _summary(name, n, seconds, mse, evals, **extra) -> dict:
@@ -192,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--torch-workers", type=int, nargs="+", default=[1],
                    help="ways to run the reference: 1 is one process with torch's default threads; W > 1 deals the "
                         "victims over W single-threaded processes (default 1)")
+    p.add_argument("--torch-start", choices=("jaxleak", "own"), default="jaxleak",
+                   help="where the reference starts each victim's dummy image: jaxleak's x' before step 0 (paired: the "
+                        "same problem and start for both, default; the last config's starts) or its own torch.randn")
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--data", type=pathlib.Path, default=None,
                    help="folder of cifar100_subset.npz (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")
@@ -221,10 +240,12 @@ def main(argv=None) -> int:
                 s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
                 rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "steps": config.steps,
                              **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
+                starts = rows[-1].pop("starts")
                 o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
         for workers in args.torch_workers if args.torch_victims else ():
             tr = {"V": v, "backend": "cpu", "config": "paper", "steps": torch_steps,
-                  **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed, torch_steps, workers)}
+                  **bench_torch(params, x, y_int, min(v, args.torch_victims), args.seed, torch_steps, workers,
+                                starts if args.torch_start == "jaxleak" else None)}
             rows.append(tr)
             o.report(json.dumps({k: val for k, val in tr.items() if k != "mse"}))
             for jx in [r for r in rows if r["V"] == v and r["impl"] == "jaxleak"]:
@@ -232,12 +253,14 @@ def main(argv=None) -> int:
                          else float("inf") if jx["successful_per_s"] else float("nan"))
                 ratios.append({"V": v, "config": jx["config"], "conv": jx["conv"], "strategy": jx["strategy"],
                                "torch_workers": workers,
-                               "per_evaluation_speedup": tr["ms_per_eval"] / jx["ms_per_eval"], "successful_per_s_ratio": ratio})
+                               "per_evaluation_speedup": tr["ms_per_eval"] / jx["ms_per_eval"], "successful_per_s_ratio": ratio,
+                               "paired": paired_outcomes(jx["mse"], tr["mse"]) if tr["start"] == "jaxleak" else None})
                 o.report(f"V={v} {jx['config']}/{jx['conv']}/{jx['strategy']}: jaxleak {jx['victims_per_s']:.3f} victims/s "
                          f"({jx['successful_per_s']:.3f} successful/s, {jx['successful']}/{v}, {jx['mean_evals']:.0f} evals, "
                          f"compile {jx['compile_s']:.1f}s) vs torch x{workers} {tr['victims_per_s']:.4f} victims/s "
                          f"({tr['successful_per_s']:.4f} successful/s, {tr['successful']}/{tr['victims']}, {tr['mean_evals']:.0f} evals); "
-                         f"per-evaluation speed-up {tr['ms_per_eval'] / jx['ms_per_eval']:.1f}x, successful/s ratio {ratio:.1f}x")
+                         f"per-evaluation speed-up {tr['ms_per_eval'] / jx['ms_per_eval']:.1f}x, successful/s ratio {ratio:.1f}x"
+                         + (f"; same starts, recovered by {ratios[-1]['paired']}" if ratios[-1]["paired"] else ""))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(rows, indent=1))

@@ -51,15 +51,22 @@ def from_flax(params: dict, channels: int, num_classes: int) -> TorchLeNet:
 
 
 def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: int = 0, iterations: int = 300,
-           check_every: int = 10) -> dict:
-    """One DLG or iDLG run on one victim; returns the final MSE, the label, steps, evaluations and seconds."""
+           check_every: int = 10, x0: np.ndarray | None = None) -> dict:
+    """One DLG or iDLG run on one victim; returns the final MSE, the label, steps, evaluations and seconds.
+
+    ``x0`` (H, W, C): start the dummy image there instead of at ``torch.randn`` (the benchmark's paired mode,
+    where both implementations start each victim from the same point).
+    """
     torch.manual_seed(seed)
     gt = torch.from_numpy(np.ascontiguousarray(x_hwc.transpose(2, 0, 1)))[None].float()
     params = list(net.parameters())
     target = torch.autograd.grad(F.cross_entropy(net(gt), torch.tensor([label])), params)
     target = [g.detach() for g in target]
     num_classes = net.fc.out_features
-    dummy = torch.randn(gt.shape).requires_grad_(True)
+    dummy = torch.randn(gt.shape)
+    if x0 is not None:
+        dummy = torch.from_numpy(np.ascontiguousarray(np.asarray(x0, np.float32).transpose(2, 0, 1)))[None]
+    dummy = dummy.requires_grad_(True)
     evals = [0]
     if method == "dlg":
         logits = torch.randn((1, num_classes)).requires_grad_(True)
@@ -96,15 +103,15 @@ def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: in
 
 
 def attack_victim(task: tuple) -> dict:
-    """``attack`` on one victim given as plain numpy: ``(params, x_hwc, label, method, seed, iterations)``.
+    """``attack`` on one victim given as plain numpy: ``(params, x_hwc, label, method, seed, iterations[, x0])``.
 
     A picklable entry point for a pool of worker processes (``bench_attack.py
     --torch-workers``); ``params`` is one flax LeNet's ``params`` dict of numpy arrays.
     """
-    params, x_hwc, label, method, seed, iterations = task
+    params, x_hwc, label, method, seed, iterations, *x0 = task
     num_classes = np.asarray(params["head"]["kernel"]).shape[1]
     net = from_flax(params, x_hwc.shape[-1], num_classes)
-    return attack(net, x_hwc, label, method, seed=seed, iterations=iterations)
+    return attack(net, x_hwc, label, method, seed=seed, iterations=iterations, x0=x0[0] if x0 else None)
 
 
 _start_barrier = None

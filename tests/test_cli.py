@@ -173,6 +173,23 @@ def test_bench_attack_torch_workers(npz_env, capsys):
     # the same victims, seeds and steps whether in this process or dealt over worker processes
     assert torch_rows[0]["mean_evals"] == torch_rows[1]["mean_evals"]
     assert {(r["torch_workers"], r["strategy"]) for r in res["ratios"]} == {(1, "loop"), (2, "loop")}
+    # paired by default: the reference starts where jaxleak started, and every victim is counted once
+    assert {r["start"] for r in torch_rows} == {"jaxleak"}
+    assert all(sum(r["paired"].values()) == 2 for r in res["ratios"])
+
+
+def test_torch_reference_starts_from_a_given_image(shared_data, monkeypatch):
+    """``x0`` really is the reference's start: from the true image the loss is ~0, so it stops after one step."""
+    pytest.importorskip("torch", reason="the optional 'bench' extra (torch) is not installed")
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import bench_attack
+    import torch_reference
+
+    _, params, _, x, y_int = bench_attack.make_victims(shared_data, 1, 0)
+    task = (jax.tree_util.tree_map(lambda a: np.array(a[0]), params["params"]), np.array(x[0]), int(y_int[0]), "idlg", 0, 5)
+    at_truth = torch_reference.attack_victim(task + (np.array(x[0]),))
+    assert at_truth["steps"] == 1 and at_truth["loss"] < 1e-6 and at_truth["mse"] == 0.0
+    assert torch_reference.attack_victim(task)["mse"] > 1e-2  # from its own random start, 5 steps do not get there
 
 
 def test_bench_gradients_json_and_quiet(tmp_path, capsys):
