@@ -268,6 +268,8 @@ def gradient_distance(apply_fn, distance, soft, z, variables, target_grads, weig
     through ``(h . h0)(a . a0)`` and ``h^T T a``. The L2 value is still computed as
     ``sum((h a^T - T)^2)`` in one fused pass (``|h|^2|a|^2 - 2 h^T T a + |T|^2`` cancels in
     float32 near a match). Same value and gradient to rounding; 10x cheaper with 5,749 classes.
+    A head kernel excluded by a weight of Python ``0`` (what :func:`tensor_weights` gives) is
+    skipped altogether: none of its terms is computed, and its target values never enter.
     """
     return _distance_fn(factored_head, weights)(apply_fn, distance, soft, False, z, variables, target_grads, weights, label)[0]
 
