@@ -63,7 +63,7 @@ def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: in
     target = torch.autograd.grad(F.cross_entropy(net(gt), torch.tensor([label])), params)
     target = [g.detach() for g in target]
     num_classes = net.fc.out_features
-    dummy = torch.randn(gt.shape)
+    dummy = torch.randn(gt.shape)  # drawn even when x0 is given, so DLG's label logits below stay the same draw
     if x0 is not None:
         dummy = torch.from_numpy(np.ascontiguousarray(np.asarray(x0, np.float32).transpose(2, 0, 1)))[None]
     dummy = dummy.requires_grad_(True)
