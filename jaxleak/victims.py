@@ -53,9 +53,15 @@ def default_strategy(per_victim_params: bool) -> str:
 
 
 def _is_concrete(x: Any) -> bool:
-    """``x`` holds values (not a tracer). Check such inputs with numpy: under ``jit`` even a concrete (closed-over)
-    array gives a traced result from ``jnp``, which cannot be turned into a Python bool."""
+    """``x`` holds values (not a tracer). Test the concreteness of a check's *result*: under ``jit`` even a concrete
+    (closed-over) array gives a traced result from ``jnp``, which cannot be turned into a Python bool."""
     return not isinstance(x, jax.core.Tracer)
+
+
+def _all_finite_or_unknown(x: Array) -> bool:
+    """False only when ``x`` certainly holds a NaN or Inf; the reduction stays on ``x``'s device."""
+    finite = jnp.all(jnp.isfinite(x))
+    return not _is_concrete(finite) or bool(finite)
 
 
 def cross_entropy(logits: Array, y: Array) -> Array:
@@ -82,7 +88,7 @@ def check_example(x: Array, y: Array, *, tol: float = 1e-4) -> None:
             f"y must be one probability vector of shape (K,), got shape {jnp.shape(y)}; "
             "use jaxleak.labels.one_hot for class indices"
         )
-    if _is_concrete(x) and not np.all(np.isfinite(np.asarray(x))):
+    if not _all_finite_or_unknown(x):
         raise ValueError("x contains NaN or Inf")
     if _is_concrete(y):
         y = np.asarray(y, dtype=np.float64)
@@ -302,7 +308,7 @@ def gradients(
         bad = np.flatnonzero(~np.isfinite(y64).all(1) | (np.abs(y64.sum(1) - 1) > 1e-4) | (y64.min(1) < -1e-4))
         if bad.size:
             raise ValueError(f"ys rows must be probability vectors; victims {bad[:10].tolist()} are not")
-    if _is_concrete(xs) and not np.all(np.isfinite(np.asarray(xs))):
+    if not _all_finite_or_unknown(xs):
         raise ValueError("xs contains NaN or Inf")
     if per_victim_params and _leading_size(params) != jnp.shape(xs)[0]:
         raise ValueError(f"per-victim params have {_leading_size(params)} victims but xs has {jnp.shape(xs)[0]}")
