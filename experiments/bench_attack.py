@@ -170,16 +170,22 @@ def bench_torch(params, x, y_int, n: int, seed: int, steps: int = 300, workers: 
                     torch_threads=threads, torch_workers=workers, start="jaxleak" if starts is not None else "own")
 
 
+def recovered(mse) -> np.ndarray:
+    """Per victim: final MSE finite and below SUCCESS_MSE (what "successful" means in every figure here)."""
+    mse = np.asarray(mse)
+    return np.isfinite(mse) & (mse < SUCCESS_MSE)
+
+
 def paired_outcomes(jax_mse, torch_mse) -> dict:
-    """Counts of victims recovered (MSE < SUCCESS_MSE) by both, by one only, by neither, on the reference's victims."""
-    ok_j = np.asarray(jax_mse)[: len(torch_mse)] < SUCCESS_MSE
-    ok_t = np.asarray(torch_mse) < SUCCESS_MSE
+    """Counts of victims recovered by both, by one only, by neither, on the reference's victims."""
+    ok_j = recovered(jax_mse)[: len(torch_mse)]
+    ok_t = recovered(torch_mse)
     return {"both": int(np.sum(ok_j & ok_t)), "jaxleak_only": int(np.sum(ok_j & ~ok_t)),
             "torch_only": int(np.sum(~ok_j & ok_t)), "neither": int(np.sum(~ok_j & ~ok_t))}
 
 
 def _summary(name, n, seconds, mse, evals, **extra) -> dict:
-    ok = int(np.sum(np.isfinite(mse) & (mse < SUCCESS_MSE)))
+    ok = int(np.sum(recovered(mse)))
     return {"impl": name, "victims": n, "seconds": seconds, "victims_per_s": n / seconds,
             "successful": ok, "successful_per_s": ok / seconds, "mean_evals": float(np.mean(evals)),
             "ms_per_eval": 1000 * seconds / float(np.sum(evals)), "mse": mse.tolist(), **extra}
