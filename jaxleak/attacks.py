@@ -56,6 +56,9 @@ DEFAULT_STRATEGY = {"cpu": "loop", "gpu": "vmap", "tpu": "vmap"}
 #: victims, 2026-12-03), so small heads keep the dense form and their published trajectories.
 FACTORED_HEAD_MIN_SIZE = 2**18
 
+#: The ``jax.vmap`` axis name :func:`attack_victims` maps victims over (``AttackConfig.victim_axis``).
+VICTIM_AXIS = "victims"
+
 # --------------------------------------------------------------------------
 # Configuration and results
 # --------------------------------------------------------------------------
@@ -104,6 +107,14 @@ class AttackConfig:
         variants, ALGORITHMS.md §4.9(b)): ``f_s ||h(x') - h_hat||^2`` with
         ``distance="l2"``, ``f_s (1 - cos(h(x'), h_hat))`` with ``"cosine"``. Needs
         the ``feature`` argument of :func:`given_label`; 0 (default) adds nothing.
+      victim_axis: the ``jax.vmap`` axis name the attack is mapped over, if any. Then the
+        optimisation loops run while any victim on that axis runs and mask the finished ones
+        themselves (``jaxleak.lbfgs.any_running``), instead of leaving it to ``vmap``'s
+        batching of ``while_loop``, which selects every loop carry — the L-BFGS history
+        included — between old and new on every iteration. Same results. Set by
+        :func:`attack_victims` for its ``"vmap"`` strategy; set it yourself only when you
+        call ``jax.vmap(..., axis_name=victim_axis)`` yourself (an unmapped call with an
+        axis name fails with an unbound axis name error). ``None`` (default): no axis.
       factored_head: compute the last layer's kernel gradient ``h a^T`` in factored form
         (``jaxleak.objectives.gradient_distance``): the same objective and gradient (to
         rounding) without forming the ``(d, K)`` dummy gradient, which dominates with many
@@ -135,6 +146,7 @@ class AttackConfig:
     feature_weight: float = 0.0
     lbfgs_milestones: tuple[float, ...] = ()
     factored_head: Optional[bool] = None
+    victim_axis: Optional[str] = None
 
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
@@ -227,23 +239,27 @@ def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: A
     hist0 = jnp.full((config.steps,), jnp.nan, flat0.dtype)
     snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), flat0.dtype)
 
+    axis = config.victim_axis
+
     def cond(c):
-        return (c[0] < config.steps) & ~c[2]
+        return _lbfgs.any_running((c[0] < config.steps) & ~c[2], axis)
 
     def body(c):
-        i, state, _, hist, snaps = c
+        i, state, done, hist, snaps = c
+        # False only for a finished victim while others on the victim axis run: it keeps its carry.
+        live = (i < config.steps) & ~done
         loss, g = vg(state.x)  # the loss after step i-1 and the first closure call of step i
-        hist = hist.at[jnp.maximum(i - 1, 0)].set(jnp.where(i > 0, loss, hist[0]))
-        converged = (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
-        snaps = lax.cond(
-            i % config.snapshot_every == 0,
-            lambda s: s.at[i // config.snapshot_every].set(unravel(state.x)["x"]),
-            lambda s: s,
-            snaps,
-        )
-        lr = None if lrs is None else lrs[i]
-        state = lax.cond(converged, lambda s: s, lambda s: _lbfgs.update(s, vg, cfg, loss, g, lr)[0], state)
-        return jnp.where(converged, i, i + 1), state, converged, hist, snaps
+        j = jnp.maximum(i - 1, 0)
+        hist = hist.at[j].set(jnp.where(live & (i > 0), loss, hist[j]))
+        converged = live & (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
+        # Row writes masked in place rather than lax.cond, which vmap turns into selects over the
+        # whole buffer (here the snapshots; in the L-BFGS update the (m, n) history).
+        slot = jnp.minimum(i // config.snapshot_every, snaps.shape[0] - 1)
+        take = live & (i % config.snapshot_every == 0)
+        snaps = snaps.at[slot].set(jnp.where(take, unravel(state.x)["x"], snaps[slot]))
+        lr = None if lrs is None else lrs[jnp.minimum(i, config.steps - 1)]
+        state = _lbfgs.update(state, vg, cfg, loss, g, lr, active=live & ~converged, axis_name=axis)[0]
+        return jnp.where(live & ~converged, i + 1, i), state, done | converged, hist, snaps
 
     i, state, done, hist, snaps = lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), _lbfgs.init(flat0, cfg), jnp.zeros((), bool), hist0, snaps0)
@@ -265,19 +281,20 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
     snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), z0["x"].dtype)
 
     def cond(c):
-        return (c[0] < config.steps) & ~c[3]
+        return _lbfgs.any_running((c[0] < config.steps) & ~c[3], config.victim_axis)
 
     def body(c):
-        i, z, state, _, hist, evals, snaps = c
+        i, z, state, done, hist, evals, snaps = c
+        live = (i < config.steps) & ~done  # as in _run_torch_lbfgs
         if config.optimizer == "optax_lbfgs":
             loss, g = vg(z, state=state)
         else:
             loss, g = vg(z)
-        hist = hist.at[jnp.maximum(i - 1, 0)].set(jnp.where(i > 0, loss, hist[0]))
-        converged = (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
-        snaps = lax.cond(
-            i % config.snapshot_every == 0, lambda s: s.at[i // config.snapshot_every].set(z["x"]), lambda s: s, snaps
-        )
+        j = jnp.maximum(i - 1, 0)
+        hist = hist.at[j].set(jnp.where(live & (i > 0), loss, hist[j]))
+        converged = live & (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
+        slot = jnp.minimum(i // config.snapshot_every, snaps.shape[0] - 1)
+        snaps = snaps.at[slot].set(jnp.where(live & (i % config.snapshot_every == 0), z["x"], snaps[slot]))
         if config.optimizer == "optax_lbfgs":
             updates, new_state = opt.update(g, state, z, value=loss, grad=g, value_fn=objective)
             # vg evaluated only when the state held no finite value (the first step); the zoom line
@@ -290,8 +307,10 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         new_z = optax.apply_updates(z, updates)
         if config.box is not None:
             new_z = {**new_z, "x": jnp.clip(new_z["x"], *config.box)}
-        keep = lambda a, b: jax.tree_util.tree_map(lambda u, w: jnp.where(converged, u, w), a, b)
-        return (jnp.where(converged, i, i + 1), keep(z, new_z), keep(state, new_state), converged, hist, evals + n, snaps)
+        stay = converged | ~live
+        keep = lambda a, b: jax.tree_util.tree_map(lambda u, w: jnp.where(stay, u, w), a, b)
+        return (jnp.where(stay, i, i + 1), keep(z, new_z), keep(state, new_state), done | converged, hist,
+                evals + jnp.where(live, n, 0), snaps)
 
     init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), jnp.zeros((), bool), hist0, jnp.zeros((), jnp.int32), snaps0)
     i, z, state, _, hist, evals, snaps = lax.while_loop(cond, body, init)
@@ -560,12 +579,16 @@ def attack_victims(
     keys = _victims.victim_keys(key, n)
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY.get(jax.default_backend(), "vmap")
+    # Under vmap the loops run until the chunk's last victim is done and mask the finished ones
+    # (AttackConfig.victim_axis); the loop strategy runs each victim unmapped.
+    config = dataclasses.replace(config, victim_axis=VICTIM_AXIS if strategy == "vmap" else None)
     shape = tuple(x_shape)
     one = _one_victim(fn, apply_fn, shape, config, labels is not None)
     args, axes = (keys, variables, target_grads), (0, 0 if per_victim_params else None, 0)
     if labels is not None:
         args, axes = args + (labels,), axes + (0,)
-    res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack")
+    res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack",
+                               axis_name=config.victim_axis)
     out = {name: np.asarray(v) for name, v in res._asdict().items()}
     out["reconstruction"] = out.pop("x")
     out["label_index"] = out["label"].argmax(-1)

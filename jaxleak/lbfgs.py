@@ -11,9 +11,15 @@ learning-rate scheduler (paper 2 runs ``MultiStepLR`` on top, ALGORITHMS.md
 §4.9(b)) is the ``lr`` argument of :func:`update`, one value per ``step`` call.
 
 Every early exit of PyTorch's inner loop is a boolean in a ``lax.while_loop``
-carry, so one call is ``jit``-able and ``vmap``-able over victims: under
-``vmap`` a finished victim's carry is frozen by ``while_loop``'s batching rule
-while the others continue.
+carry, so one call is ``jit``-able and ``vmap``-able over victims. A finished
+victim's carry is frozen by the loop body itself (its history row writes and
+state updates are masked), so under ``vmap`` the others continue. Plain
+``vmap`` makes the loop predicate batched, and ``while_loop``'s batching rule
+then also selects every carry between old and new on every iteration — with
+the ``(m, n)`` history that is a full copy and select of it per iteration.
+With ``axis_name`` (the name given to ``jax.vmap(..., axis_name=)``) the
+predicate is "any victim on the axis still running", which is not batched, so
+only the masked row writes touch the history.
 
 The history is a ring buffer of ``history_size`` slots. The direction
 ``-H g`` is computed one of two ways (``TorchLBFGSConfig.direction``):
@@ -197,6 +203,19 @@ def _direction(cfg: "TorchLBFGSConfig") -> str:
     return "compact" if cfg.direction == "auto" else cfg.direction
 
 
+def any_running(running: Array, axis_name: Optional[str] = None) -> Array:
+    """``running`` itself, or with ``axis_name`` whether it holds for any member of that ``vmap`` axis.
+
+    As a ``lax.while_loop`` predicate the latter is the same for the whole axis
+    (not batched), so ``vmap`` runs the loop until the last member is done
+    without selecting every carry between old and new; the loop body must then
+    leave finished members unchanged itself.
+    """
+    if axis_name is None:
+        return running
+    return lax.psum(running.astype(jnp.int32), axis_name) > 0
+
+
 def update(
     state: TorchLBFGSState,
     value_and_grad: ValueAndGrad,
@@ -204,6 +223,8 @@ def update(
     value: Optional[Array] = None,
     grad: Optional[Array] = None,
     lr: Optional[Array] = None,
+    active: Optional[Array] = None,
+    axis_name: Optional[str] = None,
 ) -> tuple[TorchLBFGSState, Array]:
     """One ``torch.optim.LBFGS.step`` (ALGORITHMS.md §2.3): up to ``max_iter`` fixed-step iterations.
 
@@ -220,6 +241,15 @@ def update(
         afterwards); the history, ``d`` and ``t`` persist across calls as in
         PyTorch, so the first curvature pair of a step uses the previous step's
         ``t``. It must be > 0 (not checked under ``jit``). ``None``: ``config.lr``.
+      active: a boolean scalar, possibly traced; ``False`` returns ``state``
+        unchanged (no iteration, no evaluation counted). A caller that stops a
+        victim early uses it instead of a ``lax.cond``, which ``vmap`` would
+        turn into a select over the whole state. ``None``: ``True``.
+      axis_name: the ``jax.vmap`` axis this call is mapped over, if any: the
+        inner loop then runs while any victim on it runs (:func:`any_running`)
+        and finished victims are masked. Same results; under ``vmap`` it saves
+        a copy and a select of the history per iteration. ``None``: no axis
+        (a plain ``vmap`` still works, with those selects).
 
     Returns:
       ``(new_state, loss at the start of the step)``, as PyTorch's ``step``
@@ -234,11 +264,13 @@ def update(
     lr = cfg.lr if lr is None else jnp.asarray(lr, state.x.dtype)
     first_opt = jnp.max(jnp.abs(grad)) <= cfg.tolerance_grad
     compact = _direction(cfg) == "compact"
+    active = jnp.ones((), bool) if active is None else jnp.asarray(active, bool)
 
     def cond(c):
-        return ~c["stop"]
+        return any_running(~c["stop"], axis_name)
 
     def body(c):
+        live = ~c["stop"]  # False only for a victim that stopped while others on the axis run
         k = c["k"] + 1
         n_iter = c["n_iter"] + 1
         first = n_iter == 1
@@ -247,7 +279,7 @@ def update(
         y = g - c["prev_grad"]
         s = c["d"] * c["t"]
         ys = jnp.vdot(y, s)
-        push = (~first) & (ys > 1e-10)
+        push = live & (~first) & (ys > 1e-10)
         head = c["head"]
         s_hist = c["s_hist"].at[head].set(jnp.where(push, s, c["s_hist"][head]))
         y_hist = c["y_hist"].at[head].set(jnp.where(push, y, c["y_hist"][head]))
@@ -274,7 +306,7 @@ def update(
         gtd = jnp.vdot(g, d)
         not_descent = gtd > -cfg.tolerance_change
         x = jnp.where(not_descent, c["x"], c["x"] + t * d)
-        do_eval = (~not_descent) & (k != cfg.max_iter)
+        do_eval = live & (~not_descent) & (k != cfg.max_iter)
         loss, g_new = lax.cond(do_eval, value_and_grad, lambda _: (c["loss"], g), x)
         loss = jnp.asarray(loss, g.dtype)
         evals = c["evals"] + do_eval.astype(jnp.int32)
@@ -287,29 +319,35 @@ def update(
             | (jnp.max(jnp.abs(t * d)) <= cfg.tolerance_change)
             | (jnp.abs(loss - prev_loss) < cfg.tolerance_change)
         )
-        return dict(
+        new = dict(
             k=k, n_iter=n_iter, x=x, g=g_new, loss=loss, d=d, t=t, prev_grad=prev_grad, prev_loss=prev_loss,
-            s_hist=s_hist, y_hist=y_hist, rho=rho, sy=gram_sy, yy=gram_yy, head=head, count=count, h_diag=h_diag, evals=evals, stop=stop,
+            head=head, count=count, h_diag=h_diag, evals=evals, stop=stop,
         )
+        # A finished victim keeps its carry: the small entries by a select, the history (written
+        # only where push, which includes live) as it is.
+        new = {key: jnp.where(live, v, c[key]) for key, v in new.items()}
+        return dict(new, s_hist=s_hist, y_hist=y_hist, rho=rho, sy=gram_sy, yy=gram_yy)
 
     carry = dict(
         k=jnp.zeros((), jnp.int32), n_iter=state.n_iter, x=state.x, g=grad, loss=value, d=state.d, t=state.t,
         prev_grad=state.prev_grad, prev_loss=state.prev_loss, s_hist=state.s_hist, y_hist=state.y_hist,
         rho=state.rho, sy=state.sy, yy=state.yy, head=state.head, count=state.count, h_diag=state.h_diag,
-        evals=jnp.ones((), jnp.int32), stop=first_opt,
+        evals=jnp.ones((), jnp.int32), stop=first_opt | ~active,
     )
     c = lax.while_loop(cond, body, carry)
     new = TorchLBFGSState(
         x=c["x"], d=c["d"], t=c["t"], prev_grad=c["prev_grad"], prev_loss=c["prev_loss"], s_hist=c["s_hist"],
         y_hist=c["y_hist"], rho=c["rho"], sy=c["sy"], yy=c["yy"], head=c["head"], count=c["count"], h_diag=c["h_diag"],
-        n_iter=c["n_iter"], func_evals=state.func_evals + c["evals"],
+        n_iter=c["n_iter"], func_evals=state.func_evals + jnp.where(active, c["evals"], 0),
     )
     return new, loss0
 
 
 def torch_lbfgs(config: TorchLBFGSConfig = TorchLBFGSConfig()) -> TorchLBFGS:
-    """``(init, update)`` closed over ``config``: ``update(state, value_and_grad, value=None, grad=None, lr=None)``."""
+    """``(init, update)`` closed over ``config``:
+    ``update(state, value_and_grad, value=None, grad=None, lr=None, active=None, axis_name=None)``."""
     return TorchLBFGS(
         init=lambda x0: init(x0, config),
-        update=lambda state, vg, value=None, grad=None, lr=None: update(state, vg, config, value, grad, lr),
+        update=lambda state, vg, value=None, grad=None, lr=None, active=None, axis_name=None: update(
+            state, vg, config, value, grad, lr, active, axis_name),
     )

@@ -183,9 +183,9 @@ def chunk_size_for(fn: Callable, one_victim_args: tuple, num_victims: int, memor
 
 
 @functools.lru_cache(maxsize=128)
-def _compiled(fn: Callable, in_axes: Optional[tuple]) -> Callable:
-    """``jit(fn)`` (in_axes None) or ``jit(vmap(fn, in_axes))``, cached so repeated calls reuse compilations."""
-    return jax.jit(fn) if in_axes is None else jax.jit(jax.vmap(fn, in_axes=in_axes))
+def _compiled(fn: Callable, in_axes: Optional[tuple], axis_name: Optional[str] = None) -> Callable:
+    """``jit(fn)`` (in_axes None) or ``jit(vmap(fn, in_axes, axis_name))``, cached so repeated calls reuse compilations."""
+    return jax.jit(fn) if in_axes is None else jax.jit(jax.vmap(fn, in_axes=in_axes, axis_name=axis_name))
 
 
 @functools.lru_cache(maxsize=128)
@@ -204,6 +204,7 @@ def map_victims(
     memory_budget: Optional[int] = None,
     progress: bool = False,
     desc: str = "victims",
+    axis_name: Optional[str] = None,
 ) -> PyTree:
     """Maps a one-victim function over a leading victim axis, in memory-sized chunks.
 
@@ -217,6 +218,8 @@ def map_victims(
         loop of ``jit(fn)``) or ``"auto"`` (vmap; callers that know better, like
         :func:`gradients`, resolve ``"auto"`` with :func:`default_strategy`).
       progress: show a tqdm bar over chunks.
+      axis_name: the ``jax.vmap`` axis name under ``"vmap"`` (for collectives over the
+        victims of a chunk inside ``fn``, e.g. ``jaxleak.lbfgs.any_running``).
 
     The last chunk is padded to the chunk size (by repeating its final victim)
     so every chunk reuses one compiled program; padding is dropped from the
@@ -261,7 +264,7 @@ def map_victims(
     if chunk_size is None:
         chunk_size = n if n <= 256 else chunk_size_for(fn, tuple(take(a, ax, 0) for a, ax in zip(args, in_axes)), n, memory_budget)
     chunk_size = max(1, min(chunk_size, n))
-    batched = _compiled(fn, tuple(in_axes))
+    batched = _compiled(fn, tuple(in_axes), axis_name)
     starts = range(0, n, chunk_size)
     if progress:
         from tqdm.auto import tqdm

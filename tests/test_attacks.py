@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -75,6 +76,50 @@ def test_masking_stops_finished_victims(tiny):
     single = jax.jit(fn, static_argnums=3)(keys[finished], tiny["take"](tiny["params"], finished),
                                            tiny["take"](tiny["grads"], finished), probe)
     np.testing.assert_allclose(batched.x[finished], single.x, rtol=1e-3, atol=1e-4)
+
+
+def _batched_while_predicates(jaxpr) -> int:
+    """``while`` loops, in a jaxpr and all its sub-jaxprs, whose predicate is an array (batched by vmap).
+
+    Lowering such a loop selects every carry between old and new on every iteration.
+    """
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "while" and eqn.params["cond_jaxpr"].out_avals[0].shape != ():
+            n += 1
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            n += _batched_while_predicates(sub)
+    return n
+
+
+@pytest.mark.parametrize("config", [
+    dataclasses.replace(attacks.PAPER, steps=6, lbfgs=lbfgs.TorchLBFGSConfig(max_iter=4), check_every=1, stop_loss=0.0),
+    dataclasses.replace(attacks.OPTAX_LBFGS, steps=6, check_every=1, stop_loss=0.0),
+    dataclasses.replace(attacks.INVERTING_GRADIENTS, steps=6, check_every=1, stop_loss=0.0),
+], ids=["torch_lbfgs", "optax_lbfgs", "adam"])
+def test_victim_axis_equals_plain_vmap(tiny, config):
+    """AttackConfig.victim_axis (loops run while any victim runs and mask the finished ones) gives what
+    plain vmap gives (while_loop's batching rule selects the carries), with victims that stop at
+    different outer steps and, for the PyTorch L-BFGS, inner iterations; and no loop predicate is batched."""
+    fn = lambda k, p, g, cfg: attacks.idlg(k, tiny["model"].apply, p, g, SHAPE, config=cfg)
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    args = (keys, tiny["params"], tiny["grads"])
+    probe = jax.jit(jax.vmap(lambda k, p, g: fn(k, p, g, dataclasses.replace(config, steps=3))))(*args)
+    # A stop threshold between the two victims' losses after step 1: one stops early, one runs on.
+    lo, hi = sorted(float(v) for v in probe.loss_history[:, 1])
+    cfg = dataclasses.replace(config, stop_loss=float(np.sqrt(lo * hi)))
+    plain = jax.jit(jax.vmap(lambda k, p, g: fn(k, p, g, cfg)))(*args)
+    named_cfg = dataclasses.replace(cfg, victim_axis="v")
+    named_fn = jax.vmap(lambda k, p, g: fn(k, p, g, named_cfg), axis_name="v")
+    named = jax.jit(named_fn)(*args)
+    steps = sorted(int(s) for s in plain.steps)
+    assert steps[0] <= 2 < steps[1], steps
+    for field in ("x", "loss", "loss_history", "snapshots", "steps", "evals", "label"):
+        np.testing.assert_allclose(getattr(named, field), getattr(plain, field), rtol=1e-6, atol=1e-7, err_msg=field)
+    if config.optimizer == "torch_lbfgs":  # (optax's line search has loops of its own)
+        plain_fn = jax.vmap(lambda k, p, g: fn(k, p, g, cfg))
+        assert _batched_while_predicates(jax.make_jaxpr(plain_fn)(*args).jaxpr) == 2
+        assert _batched_while_predicates(jax.make_jaxpr(named_fn)(*args).jaxpr) == 0
 
 
 def test_driver_loop_equals_vmap_and_scores(tiny):
