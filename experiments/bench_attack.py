@@ -32,12 +32,14 @@ optimiser.
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 8 --torch-victims 4 --torch-workers 1 2
     python experiments/bench_attack.py --victims 8 --configs paper optax --torch-victims 2
     python experiments/bench_attack.py --victims 8 --strategies loop vmap --torch-victims 0   # driver default
+    python experiments/bench_attack.py --victims 64 --strategies vmap vmap-plain --torch-victims 0  # AttackConfig.victim_axis
     python experiments/bench_attack.py --victims 8 --convs xla slices --torch-victims 2       # LeNet's conv="auto"
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -100,18 +102,22 @@ def peak_tflops() -> dict:
 def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int, flops: float = 0.0) -> dict:
     n = x.shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), n)
-    one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
     take = lambda t, i: jax.tree_util.tree_map(lambda a: a[i], t)
     devices = jax.local_devices()
+    if strategy == "vmap":  # as attacks.attack_victims maps victims (AttackConfig.victim_axis)
+        config = dataclasses.replace(config, victim_axis=attacks.VICTIM_AXIS)
+    one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
     t = time.time()
     if strategy == "vmap":
+        compiled = jax.jit(jax.vmap(one, axis_name=config.victim_axis)).lower(keys, params, grads).compile()
+    elif strategy == "vmap-plain":  # plain vmap: every while_loop predicate batched (the carries selected)
         compiled = jax.jit(jax.vmap(one)).lower(keys, params, grads).compile()
     else:  # one executable per device; victims are dealt round-robin (attacks._loop_over_devices)
         first = (keys[0], take(params, 0), take(grads, 0))
         compiled = [jax.jit(one).lower(*jax.device_put(first, d)).compile() for d in devices]
     compile_s = time.time() - t
     t = time.time()
-    if strategy == "vmap":
+    if strategy.startswith("vmap"):
         res = jax.block_until_ready(compiled(keys, params, grads))
         rec, evals, starts = res.x, res.evals, res.snapshots[:, 0]
     else:
@@ -128,7 +134,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
         # Useful work: the evaluations each victim asked for. Under vmap every victim runs as many
         # loop iterations as the slowest one (finished ones are masked), so executed work is larger.
         extra = {"gflops_per_eval": flops / 1e9, "useful_tflops_per_s": flops * float(evals.sum()) / seconds / 1e12}
-        if strategy == "vmap":
+        if strategy.startswith("vmap"):
             extra["executed_tflops_per_s"] = flops * n * float(evals.max()) / seconds / 1e12
         peak = peak_tflops()
         for k, v in peak.items():
@@ -201,8 +207,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64], help="numbers of victims V to time (default 1 8 64)")
     p.add_argument("--torch-victims", type=int, default=2, help="victims the PyTorch reference attacks per V (0: none)")
-    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap"),
-                   help="how victims are mapped: vmap, a loop of a jitted one-victim attack, or the backend's default")
+    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap", "vmap-plain"),
+                   help="how victims are mapped: vmap (named victim axis, as attack_victims), vmap-plain (a plain vmap, "
+                        "AttackConfig.victim_axis unset), a loop of a jitted one-victim attack, or the backend's default")
     p.add_argument("--convs", nargs="+", default=["auto"], choices=models.CONVS,
                    help="LeNet's convolution (models.LeNet conv=): auto (the backend's default), xla, patches, slices")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),

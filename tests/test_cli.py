@@ -157,10 +157,13 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
     assert (tmp_path / "idlg" / "fidelity.png").exists()
 
 
-def test_bench_attack_json(npz_env, capsys):
-    res, _ = _run_json(capsys, "bench", "attack", "--victims", "1", "--torch-victims", "0", "--steps", "2",
-                       "--json", "--quiet")
-    assert [r["impl"] for r in res["rows"]] == ["jaxleak"] and res["rows"][0]["victims"] == 1
+def test_bench_attack_json(npz_env, tmp_path, capsys):
+    # (the loop strategy, the CPU's default, runs in test_bench_attack_torch_workers)
+    res, _ = _run_json(capsys, "bench", "attack", "--victims", "2", "--torch-victims", "0", "--steps", "2",
+                       "--strategies", "vmap", "vmap-plain", "--json", "--quiet", "--out", str(tmp_path / "b.json"))
+    assert [(r["impl"], r["strategy"], r["victims"]) for r in res["rows"]] == [("jaxleak", "vmap", 2), ("jaxleak", "vmap-plain", 2)]
+    rows = json.loads((tmp_path / "b.json").read_text())  # with the per-victim MSE
+    assert rows[0]["mse"] == rows[1]["mse"]  # AttackConfig.victim_axis changes the loops' masking, not the result
 
 
 def test_bench_attack_torch_workers(npz_env, capsys):
