@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Issue 4's GPU checks as one command, for a session that is lent a GPU machine for a few minutes.
+#
+# It runs, each under its own time limit, writing as it goes to $OUT (at most 8 files come back):
+#   1. the devices and versions;
+#   2. bench_attack at V = 64 (GPU_V_SMALL) with the named victim axis (AttackConfig.victim_axis) against a plain vmap;
+#   3. bench_attack at V = 1,024 (GPU_V_LARGE) (the goal: <= 30 s on one H100), with the fraction of peak FLOP/s;
+#   4. the iDLG reproduction on CIFAR-100, 1,000 victims, for GPU_CIFAR_S seconds;
+#   5. the iDLG reproduction on LFW (5,749 classes), 1,000 victims, for GPU_LFW_S seconds.
+#
+# The device machine has JAX with CUDA, flax, optax and chex but not dm-pix, and it cannot read
+# ../shared/data. Prepare once here, in the repository root (neither is committed: both are ignored
+# through .git/info/exclude; .devdata is a link, so no data file is copied into the checkout):
+#
+#   echo /.whl/ >> .git/info/exclude; echo /.devdata >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl dm-pix==0.4.5
+#   ln -s "$(realpath ../shared/data)" .devdata
+#
+# then call the device tool's run with
+#   command: bash experiments/gpu_session.sh
+#   carry:   [".whl", ".devdata/cifar100_subset.npz", ".devdata/lfw32_subset.npz"]
+#   timeout_s: 600
+# Step limits (seconds) and sizes can be set in the command, e.g. GPU_CIFAR_S=240 bash experiments/gpu_session.sh;
+# a CPU smoke run of the script itself: GPU_V_SMALL=2 GPU_V_LARGE=2 GPU_REPRO_VICTIMS=2 GPU_STEPS=2 GPU_CIFAR_CHUNK=2 GPU_LFW_CHUNK=2 OUT=/tmp/o bash experiments/gpu_session.sh
+set -u
+OUT=${OUT:-/tmp/gpu_session_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 JAXLEAK_DATA=${JAXLEAK_DATA:-$PWD/.devdata}
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
+LOG=$OUT/log.txt
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a limit, logging to $LOG
+    local name=$1 limit=$2; shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+V_SMALL=${GPU_V_SMALL:-64} V_LARGE=${GPU_V_LARGE:-1024} N_REPRO=${GPU_REPRO_VICTIMS:-1000}
+STEPS=${GPU_STEPS:+--steps $GPU_STEPS}  # unset: each script's default (the paper's 300)
+step env 60 bash -c 'nvidia-smi -L; python3 -c "import jax, flax, optax, dm_pix; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"'
+step bench_small "${GPU_BENCH_SMALL_S:-150}" python3 experiments/bench_attack.py --victims "$V_SMALL" --strategies vmap vmap-plain \
+    --torch-victims 0 $STEPS --out "$OUT/bench_small.json"
+step bench_large "${GPU_BENCH_LARGE_S:-200}" python3 experiments/bench_attack.py --victims "$V_LARGE" --strategies vmap \
+    --torch-victims 0 $STEPS --out "$OUT/bench_large.json"
+for ds in cifar100 lfw; do
+    if [ "$ds" = cifar100 ]; then limit=${GPU_CIFAR_S:-120} chunk=${GPU_CIFAR_CHUNK:-256}; else limit=${GPU_LFW_S:-60} chunk=${GPU_LFW_CHUNK:-64}; fi
+    # --time-budget stops starting chunks; the limit beyond it lets the running chunk finish.
+    step "idlg_$ds" $((limit + 60)) python3 experiments/idlg_reproduction.py --dataset "$ds" --victims "$N_REPRO" \
+        --chunk "$chunk" $STEPS --out "/tmp/idlg_$ds" --time-budget "$limit" --quiet
+    for f in results.json victims.jsonl; do
+        [ -f "/tmp/idlg_$ds/$f" ] && cp "/tmp/idlg_$ds/$f" "$OUT/idlg_${ds}_$f"
+    done
+done
+echo "=== done $(date -u +%T)" | tee -a "$LOG"
