@@ -18,6 +18,7 @@ of ``multiprocessing``'s ``spawn`` start method.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import multiprocessing
 import os
 import re
@@ -47,7 +48,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(cores, fn, args, in_axes) -> None:
-    core = cores.get()
+    core = cores.get(timeout=120)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})  # before the backend starts: its thread pool has one thread
     flags = _FORCE_DEVICES.sub("", os.environ.get("XLA_FLAGS", "")).strip()
@@ -55,6 +56,16 @@ def _init_worker(cores, fn, args, in_axes) -> None:
     import jax
 
     _WORKER.update(fn=jax.jit(fn), args=args, in_axes=in_axes, core=core)
+
+
+def _collect(pending, outs, bar, when):
+    done, pending = cf.wait(pending, return_when=when)
+    for future in done:
+        i, out = future.result()  # re-raises a worker's exception here
+        outs[i] = out
+        if bar is not None:
+            bar.update()
+    return pending
 
 
 def _run_victim(item) -> tuple[int, PyTree]:
@@ -125,14 +136,24 @@ def map_victims_in_processes(
     for core in cores[:workers]:
         queue.put(core)
     outs: list = [None] * n
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(queue, fn, shared, in_axes)) as pool:
-        results = pool.imap_unordered(_run_victim, items, chunksize=1)
-        if progress:
-            from tqdm.auto import tqdm
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
 
-            results = tqdm(results, total=n, desc=desc, unit="victim")
-        for i, out in results:
-            outs[i] = out
+        bar = tqdm(total=n, desc=desc, unit="victim")
+    # concurrent.futures rather than multiprocessing.Pool: a worker that dies (killed for memory,
+    # say) raises BrokenProcessPool here instead of leaving its victim's task waiting forever.
+    # At most 2 victims per worker are in flight, so a large victim set is never pickled all at once.
+    with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                initargs=(queue, fn, shared, in_axes)) as pool:
+        pending = set()
+        for item in items:
+            pending.add(pool.submit(_run_victim, item))
+            if len(pending) >= 2 * workers:
+                pending = _collect(pending, outs, bar, cf.FIRST_COMPLETED)
+        _collect(pending, outs, bar, cf.ALL_COMPLETED)
+    if bar is not None:
+        bar.close()
     return jax.tree_util.tree_map(lambda *xs: np.stack(xs), *outs)
 
 

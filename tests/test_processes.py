@@ -1,0 +1,65 @@
+"""strategy="processes": victims over pinned single-device worker processes (jaxleak.processes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxleak import attacks, processes
+
+SHAPE = (8, 8, 1)  # the `tiny` fixture's (conftest.py)
+
+
+def _where_am_i(x, scale):
+    """Runs in a worker: its affinity mask and device count, and a computation on its inputs."""
+    del x
+    return jnp.asarray(sorted(os.sched_getaffinity(0)) + [-1] * 8)[:8], jnp.asarray(len(jax.devices())), scale * 2.0
+
+
+def test_processes_equal_the_loop_bit_for_bit(tiny):
+    cfg = dataclasses.replace(attacks.PAPER, steps=3)
+    kw = dict(config=cfg, x_true=tiny["x"])
+    run = lambda s, **extra: attacks.attack_victims("idlg", jax.random.PRNGKey(6), tiny["model"].apply, tiny["params"],
+                                                     tiny["grads"], SHAPE, strategy=s, **kw, **extra)
+    a, b = run("loop"), run("processes", workers=min(2, len(processes.available_cores())))
+    assert set(a) == set(b)
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert b["label_index"].tolist() == [3, 7] and (b["evals"] > 1).all()
+
+
+def test_workers_are_pinned_to_one_core_with_one_device():
+    n = min(2, len(processes.available_cores()))
+    cores, devices, doubled = processes.map_victims_in_processes(
+        _where_am_i, (np.zeros((4, 1)), np.float32(1.5)), (0, None), workers=n)
+    masks = [tuple(c for c in row if c >= 0) for row in cores.tolist()]
+    assert all(len(m) == 1 for m in masks)  # each worker runs on one core ...
+    assert {m[0] for m in masks} <= set(processes.available_cores()[:n])
+    assert devices.tolist() == [1] * 4  # ... with one XLA device
+    np.testing.assert_array_equal(doubled, np.full(4, 3.0, np.float32))  # shared argument sent to every worker
+
+
+def test_bad_arguments_are_refused_before_any_process_starts():
+    x = np.zeros((3, 2))
+    with pytest.raises(ValueError, match="available cores"):
+        processes.map_victims_in_processes(_where_am_i, (x, 1.0), (0, None), workers=len(processes.available_cores()) + 1)
+    with pytest.raises(ValueError, match="in_axes has 1 entries"):
+        processes.map_victims_in_processes(_where_am_i, (x, 1.0), (0,))
+    with pytest.raises(ValueError, match="victim axes disagree"):
+        processes.map_victims_in_processes(_where_am_i, (x, np.zeros((4,))), (0, 0))
+    with pytest.raises(ValueError, match="at least one argument"):
+        processes.map_victims_in_processes(_where_am_i, (x, 1.0), (None, None))
+
+
+def _refuse(x):
+    raise ValueError(f"worker saw a victim of shape {x.shape}")
+
+
+def test_a_workers_error_reaches_the_caller():
+    with pytest.raises(ValueError, match=r"worker saw a victim of shape \(2,\)"):
+        processes.map_victims_in_processes(_refuse, (np.zeros((2, 2)),), (0,), workers=1)
