@@ -32,6 +32,7 @@ optimiser.
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 8 --torch-victims 4 --torch-workers 1 2
     python experiments/bench_attack.py --victims 8 --configs paper optax --torch-victims 2
     python experiments/bench_attack.py --victims 8 --strategies loop vmap --torch-victims 0   # driver default
+    python experiments/bench_attack.py --victims 16 --strategies processes loop --torch-victims 0  # pinned workers
     python experiments/bench_attack.py --victims 64 --strategies vmap vmap-plain --torch-victims 0  # AttackConfig.victim_axis
     python experiments/bench_attack.py --victims 8 --convs xla slices --torch-victims 2       # LeNet's conv="auto"
 """
@@ -58,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxleak import attacks, metrics, models, victims
+from jaxleak import attacks, metrics, models, processes, victims
 from jaxleak.cli import ScriptOutput, add_output_flags
 
 SUCCESS_MSE = 1e-3
@@ -107,6 +108,13 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     if strategy == "vmap":  # as attacks.attack_victims maps victims (AttackConfig.victim_axis)
         config = dataclasses.replace(config, victim_axis=attacks.VICTIM_AXIS)
     one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
+    if strategy == "processes":  # one pinned single-device worker per core (attacks.attack_victims' "processes")
+        t = time.time()
+        res = attacks.attack_victims("idlg", keys, model.apply, params, grads, (32, 32, 3), config=config, strategy="processes")
+        seconds = time.time() - t
+        # Each worker compiles (or loads from the compilation cache) inside the timed run: startup is included.
+        return _finish_jax(n, seconds, x, res["reconstruction"], res["evals"], res["snapshots"][:, 0], flops, strategy,
+                           compile_s=float("nan"), devices=len(processes.available_cores()), device_kind=devices[0].device_kind)
     t = time.time()
     if strategy == "vmap":
         compiled = jax.jit(jax.vmap(one, axis_name=config.victim_axis)).lower(keys, params, grads).compile()
@@ -127,7 +135,12 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
         gather = lambda field: jnp.stack([jax.device_put(field(o), devices[0]) for o in outs])
         rec, evals, starts = gather(lambda o: o.x), gather(lambda o: o.evals), gather(lambda o: o.snapshots[0])
     seconds = time.time() - t
-    mse = np.asarray(metrics.mse(rec, x))
+    return _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, compile_s=compile_s,
+                       devices=len(devices) if strategy == "loop" else 1, device_kind=devices[0].device_kind)
+
+
+def _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, **info) -> dict:
+    mse = np.asarray(metrics.mse(jnp.asarray(rec), x))
     extra = {}
     if flops:
         evals = np.asarray(evals)
@@ -142,8 +155,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
             if "executed_tflops_per_s" in extra:
                 extra[f"executed_fraction_of_{k}_peak"] = extra["executed_tflops_per_s"] / v
     # starts: each victim's x' before step 0 (the first snapshot), for the reference's paired mode; not written out.
-    return _summary("jaxleak", n, seconds, mse, np.asarray(evals), starts=np.asarray(starts), compile_s=compile_s, strategy=strategy,
-                    devices=len(devices) if strategy == "loop" else 1, device_kind=devices[0].device_kind,
+    return _summary("jaxleak", n, seconds, mse, np.asarray(evals), starts=np.asarray(starts), strategy=strategy, **info,
                     matmul_precision=str(jax.config.jax_default_matmul_precision), **extra)
 
 
@@ -207,9 +219,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64], help="numbers of victims V to time (default 1 8 64)")
     p.add_argument("--torch-victims", type=int, default=2, help="victims the PyTorch reference attacks per V (0: none)")
-    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "vmap", "vmap-plain"),
+    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "processes", "vmap", "vmap-plain"),
                    help="how victims are mapped: vmap (named victim axis, as attack_victims), vmap-plain (a plain vmap, "
-                        "AttackConfig.victim_axis unset), a loop of a jitted one-victim attack, or the backend's default")
+                        "AttackConfig.victim_axis unset), a loop of a jitted one-victim attack, processes (one pinned "
+                        "single-device worker process per core, startup and compilation inside the timed run), or the "
+                        "backend's default")
     p.add_argument("--convs", nargs="+", default=["auto"], choices=models.CONVS,
                    help="LeNet's convolution (models.LeNet conv=): auto (the backend's default), xla, patches, slices")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),
