@@ -160,7 +160,9 @@ def main(argv=None) -> int:
                    help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps")
     p.add_argument("--steps", type=int, default=None, help="outer L-BFGS steps (default: the config's, 300 as in the paper)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 on CPU, 256 on GPU)")
-    p.add_argument("--strategy", choices=("auto", "loop", "vmap"), default="auto", help="how victims are mapped (auto: the backend's fastest)")
+    p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
+                   help="how victims are mapped (auto: the backend's default; processes: one pinned single-device "
+                        "worker per CPU core, started for each chunk, ~1.4x the CPU loop's throughput)")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting chunks after this many seconds")
     add_output_flags(p)
     args = p.parse_args(argv)
