@@ -5,7 +5,7 @@ Layers (one-way): ``models``/``labels`` -> ``victims`` (shared gradients) ->
 matching minimises) -> ``attacks`` (how: ``lbfgs``, the loops) -> ``metrics`` ->
 ``report`` -> ``audit`` (the main job) -> ``cli``.
 ``data`` feeds images to the victims; ``train`` makes trained victims; ``processes`` runs
-victims over pinned single-device worker processes (``attack_victims(strategy="processes")``).
+victims over pinned single-device worker processes (``map_victims(strategy="processes")``).
 """
 
 from jaxleak import (attacks, data, inversion, labels, lbfgs, metrics, models, objectives, processes, recovery, report,

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxleak import models as _models
+from jaxleak import processes as _processes
 
 Array = jax.Array
 PyTree = Any
@@ -205,6 +206,7 @@ def map_victims(
     progress: bool = False,
     desc: str = "victims",
     axis_name: Optional[str] = None,
+    workers: Optional[int] = None,
 ) -> PyTree:
     """Maps a one-victim function over a leading victim axis, in memory-sized chunks.
 
@@ -215,16 +217,23 @@ def map_victims(
       in_axes: 0 (mapped) or None (shared) per argument, as ``jax.vmap``.
       chunk_size: victims per chunk; default from ``memory_budget`` via :func:`chunk_size_for`.
       strategy: ``"vmap"`` (one ``jit(vmap(fn))`` per chunk), ``"loop"`` (a Python
-        loop of ``jit(fn)``) or ``"auto"`` (vmap; callers that know better, like
-        :func:`gradients`, resolve ``"auto"`` with :func:`default_strategy`).
+        loop of ``jit(fn)``), ``"processes"`` (``jit(fn)`` in one worker process per CPU
+        core, each pinned to its core with one XLA device: ``jaxleak.processes``; ``fn``
+        must be picklable and ``chunk_size`` does not apply) or ``"auto"`` (vmap; callers
+        that know better, like :func:`gradients`, resolve ``"auto"`` with :func:`default_strategy`).
       progress: show a tqdm bar over chunks.
       axis_name: the ``jax.vmap`` axis name under ``"vmap"`` (for collectives over the
         victims of a chunk inside ``fn``, e.g. ``jaxleak.lbfgs.any_running``).
+      workers: worker processes under ``"processes"`` (``None``: one per available core).
 
     The last chunk is padded to the chunk size (by repeating its final victim)
     so every chunk reuses one compiled program; padding is dropped from the
     result. Returns ``fn``'s outputs stacked over victims.
     """
+    if len(in_axes) != len(args):
+        raise ValueError(f"in_axes has {len(in_axes)} entries for {len(args)} arguments")
+    if any(ax not in (0, None) for ax in in_axes):
+        raise ValueError(f"in_axes entries must be 0 or None, got {tuple(in_axes)}")
     mapped = [a for a, ax in zip(args, in_axes) if ax == 0]
     if not mapped:
         raise ValueError("map_victims needs at least one argument with a victim axis (in_axes 0)")
@@ -236,8 +245,10 @@ def map_victims(
         raise ValueError("map_victims got 0 victims (empty victim axis)")
     if strategy == "auto":
         strategy = default_strategy(per_victim_params=False)
-    if strategy not in ("vmap", "loop"):
-        raise ValueError(f"strategy must be 'vmap', 'loop' or 'auto', got {strategy!r}")
+    if strategy not in ("vmap", "loop", "processes"):
+        raise ValueError(f"strategy must be 'vmap', 'loop', 'processes' or 'auto', got {strategy!r}")
+    if strategy == "processes":
+        return _processes.map_in_processes(fn, args, in_axes, n, workers=workers, progress=progress, desc=desc)
 
     take = lambda a, ax, sl: jax.tree_util.tree_map(lambda v: v[sl], a) if ax == 0 else a
     if strategy == "loop":

@@ -1,4 +1,4 @@
-"""strategy="processes": victims over pinned single-device worker processes (jaxleak.processes)."""
+"""strategy="processes" of map_victims / attack_victims: victims over pinned single-device worker processes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxleak import attacks, processes
+from jaxleak import attacks, processes, victims
 
 SHAPE = (8, 8, 1)  # the `tiny` fixture's (conftest.py)
 
@@ -35,8 +35,8 @@ def test_processes_equal_the_loop_bit_for_bit(tiny):
 
 def test_workers_are_pinned_to_one_core_with_one_device():
     n = min(2, len(processes.available_cores()))
-    cores, devices, doubled = processes.map_victims_in_processes(
-        _where_am_i, (np.zeros((4, 1)), np.float32(1.5)), (0, None), workers=n)
+    cores, devices, doubled = victims.map_victims(
+        _where_am_i, (np.zeros((4, 1)), np.float32(1.5)), (0, None), strategy="processes", workers=n)
     masks = [tuple(c for c in row if c >= 0) for row in cores.tolist()]
     assert all(len(m) == 1 for m in masks)  # each worker runs on one core ...
     assert {m[0] for m in masks} <= set(processes.available_cores()[:n])
@@ -46,14 +46,17 @@ def test_workers_are_pinned_to_one_core_with_one_device():
 
 def test_bad_arguments_are_refused_before_any_process_starts():
     x = np.zeros((3, 2))
+    run = lambda args, axes, **kw: victims.map_victims(_where_am_i, args, axes, strategy="processes", **kw)
     with pytest.raises(ValueError, match="available cores"):
-        processes.map_victims_in_processes(_where_am_i, (x, 1.0), (0, None), workers=len(processes.available_cores()) + 1)
+        run((x, 1.0), (0, None), workers=len(processes.available_cores()) + 1)
     with pytest.raises(ValueError, match="in_axes has 1 entries"):
-        processes.map_victims_in_processes(_where_am_i, (x, 1.0), (0,))
+        run((x, 1.0), (0,))
+    with pytest.raises(ValueError, match="in_axes entries must be 0 or None"):
+        run((x, 1.0), (1, None))
     with pytest.raises(ValueError, match="victim axes disagree"):
-        processes.map_victims_in_processes(_where_am_i, (x, np.zeros((4,))), (0, 0))
+        run((x, np.zeros((4,))), (0, 0))
     with pytest.raises(ValueError, match="at least one argument"):
-        processes.map_victims_in_processes(_where_am_i, (x, 1.0), (None, None))
+        run((x, 1.0), (None, None))
 
 
 def _refuse(x):
@@ -62,4 +65,4 @@ def _refuse(x):
 
 def test_a_workers_error_reaches_the_caller():
     with pytest.raises(ValueError, match=r"worker saw a victim of shape \(2,\)"):
-        processes.map_victims_in_processes(_refuse, (np.zeros((2, 2)),), (0,), workers=1)
+        victims.map_victims(_refuse, (np.zeros((2, 2)),), (0,), strategy="processes", workers=1)
