@@ -36,6 +36,7 @@ from jaxleak import lbfgs as _lbfgs
 from jaxleak import metrics as _metrics
 from jaxleak import models as _models
 from jaxleak import objectives as _objectives
+from jaxleak import processes as _processes
 from jaxleak import recovery as _recovery
 from jaxleak import victims as _victims
 
@@ -565,6 +566,7 @@ def attack_victims(
     chunk_size: Optional[int] = None,
     progress: bool = False,
     workers: Optional[int] = None,
+    pool: Optional[_processes.WorkerPool] = None,
 ) -> dict[str, np.ndarray]:
     """Runs one attack on V victims (``jaxleak.victims.map_victims``) and scores it.
 
@@ -583,6 +585,9 @@ def attack_victims(
         name in :data:`ATTACKS` or a module-level function, ``apply_fn`` picklable, and a
         calling script needs an ``if __name__ == "__main__":`` guard (``spawn``).
       workers: worker processes for ``"processes"`` (``None``: one per available core).
+      pool: a ``jaxleak.processes.WorkerPool`` for ``"processes"``, kept across calls: its
+        workers start once and keep each compiled attack (~2.7 s saved per call, iDLG on
+        the 2-core CPU); not with ``workers``.
 
     Returns:
       numpy arrays with a leading V axis: ``reconstruction``, ``label`` (K,),
@@ -603,7 +608,7 @@ def attack_victims(
     if labels is not None:
         args, axes = args + (labels,), axes + (0,)
     res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack",
-                               axis_name=config.victim_axis, workers=workers)
+                               axis_name=config.victim_axis, workers=workers, pool=pool)
     out = {name: np.asarray(v) for name, v in res._asdict().items()}
     out["reconstruction"] = out.pop("x")
     out["label_index"] = out["label"].argmax(-1)

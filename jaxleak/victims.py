@@ -207,6 +207,7 @@ def map_victims(
     desc: str = "victims",
     axis_name: Optional[str] = None,
     workers: Optional[int] = None,
+    pool: Optional[_processes.WorkerPool] = None,
 ) -> PyTree:
     """Maps a one-victim function over a leading victim axis, in memory-sized chunks.
 
@@ -225,6 +226,8 @@ def map_victims(
       axis_name: the ``jax.vmap`` axis name under ``"vmap"`` (for collectives over the
         victims of a chunk inside ``fn``, e.g. ``jaxleak.lbfgs.any_running``).
       workers: worker processes under ``"processes"`` (``None``: one per available core).
+      pool: a ``jaxleak.processes.WorkerPool`` for ``"processes"`` to run in, kept across
+        calls (its workers start once and keep their compiled functions); not with ``workers``.
 
     The last chunk is padded to the chunk size (by repeating its final victim)
     so every chunk reuses one compiled program; padding is dropped from the
@@ -247,8 +250,10 @@ def map_victims(
         strategy = default_strategy(per_victim_params=False)
     if strategy not in ("vmap", "loop", "processes"):
         raise ValueError(f"strategy must be 'vmap', 'loop', 'processes' or 'auto', got {strategy!r}")
+    if pool is not None and strategy != "processes":
+        raise ValueError(f"pool= is a WorkerPool for strategy='processes', got strategy={strategy!r}")
     if strategy == "processes":
-        return _processes.map_in_processes(fn, args, in_axes, n, workers=workers, progress=progress, desc=desc)
+        return _processes.map_in_processes(fn, args, in_axes, n, workers=workers, pool=pool, progress=progress, desc=desc)
 
     take = lambda a, ax, sl: jax.tree_util.tree_map(lambda v: v[sl], a) if ax == 0 else a
     if strategy == "loop":

@@ -66,3 +66,42 @@ def _refuse(x):
 def test_a_workers_error_reaches_the_caller():
     with pytest.raises(ValueError, match=r"worker saw a victim of shape \(2,\)"):
         victims.map_victims(_refuse, (np.zeros((2, 2)),), (0,), strategy="processes", workers=1)
+
+
+_TRACES = [0]  # per process: how often a worker traced _traced
+
+
+def _traced(x):
+    """Bakes in, at trace time, its process id and how many traces that process has made."""
+    _TRACES[0] += 1
+    return jnp.asarray([os.getpid(), _TRACES[0]]) + 0 * x.astype(jnp.int32)
+
+
+def test_a_worker_pool_is_kept_across_calls_with_its_compiled_functions(tiny):
+    n = min(2, len(processes.available_cores()))
+    x = np.zeros((4, 2), np.int32)
+    with processes.WorkerPool(n) as pool:
+        first = victims.map_victims(_traced, (x,), (0,), strategy="processes", pool=pool)
+        again = victims.map_victims(_traced, (x,), (0,), strategy="processes", pool=pool)
+        # the same worker processes, and none traced the function again (it kept its jit)
+        assert set(again[:, 0].tolist()) <= set(first[:, 0].tolist())
+        assert first[:, 1].max() == again[:, 1].max() == 1
+        # another function in the same pool, and an attack: the same result as without a pool
+        _, devices, _ = victims.map_victims(_where_am_i, (np.zeros((2, 1)), np.float32(1.0)), (0, None),
+                                            strategy="processes", pool=pool)
+        assert devices.tolist() == [1, 1]
+        cfg = dataclasses.replace(attacks.PAPER, steps=2)
+        run = lambda **kw: attacks.attack_victims("idlg", jax.random.PRNGKey(3), tiny["model"].apply, tiny["params"],
+                                                   tiny["grads"], SHAPE, config=cfg, strategy="processes", **kw)
+        np.testing.assert_array_equal(run(pool=pool)["reconstruction"], run(workers=1)["reconstruction"])
+        with pytest.raises(ValueError, match="worker saw a victim"):  # an error leaves the pool usable
+            victims.map_victims(_refuse, (np.zeros((2, 2)),), (0,), strategy="processes", pool=pool)
+        assert victims.map_victims(_traced, (x,), (0,), strategy="processes", pool=pool).shape == (4, 2)
+        with pytest.raises(ValueError, match="not both"):
+            victims.map_victims(_traced, (x,), (0,), strategy="processes", pool=pool, workers=1)
+        with pytest.raises(ValueError, match="pool= is a WorkerPool for strategy='processes'"):
+            victims.map_victims(_traced, (x,), (0,), strategy="loop", pool=pool)
+    with pytest.raises(ValueError, match="closed"):
+        pool.map(_traced, (x,), (0,), 4)
+    with pytest.raises(ValueError, match="available cores"):
+        processes.WorkerPool(len(processes.available_cores()) + 1)
