@@ -19,6 +19,7 @@ chunks after that many seconds. Every run rewrites ``OUT/results.json``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxleak import attacks, metrics, models, victims
+from jaxleak import attacks, metrics, models, processes, victims
 from jaxleak.cli import ScriptOutput, add_output_flags
 
 DATA = {
@@ -65,7 +66,7 @@ def victim_image_index(seed: int, i: int, n: int) -> int:
     return int(np.random.default_rng([seed, i]).integers(n))
 
 
-def run_chunk(model, template, idx, images, labels, classes, seed, config, strategy):
+def run_chunk(model, template, idx, images, labels, classes, seed, config, strategy, pool=None):
     x = jnp.asarray(images[[victim_image_index(seed, i, len(images)) for i in idx]], jnp.float32) / 255.0
     y_int = np.asarray(labels[[victim_image_index(seed, i, len(images)) for i in idx]])
     y = jax.nn.one_hot(y_int, classes)
@@ -79,7 +80,7 @@ def run_chunk(model, template, idx, images, labels, classes, seed, config, strat
         # One key per victim (not per chunk) so results do not depend on the chunking.
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, m + 1), i) for i in idx])
         res_all = attacks.attack_victims(method, keys, model.apply, params, grads, x.shape[1:], config=config,
-                                         x_true=x, strategy=strategy)
+                                         x_true=x, strategy=strategy, pool=pool)
         res_all["seconds_per_victim"] = (time.time() - t) / len(idx)
         out[method] = res_all
     return x, y_int, out
@@ -141,6 +142,29 @@ def plot(out: pathlib.Path, summary: dict, examples: dict) -> None:
         fig.tight_layout(), fig.savefig(out / "figure2.png", dpi=120), plt.close(fig)
 
 
+def protocol(dataset: str, seed: int, config: attacks.AttackConfig, name: str) -> dict:
+    """What a victim's result depends on: resuming a folder mixes results only if this is equal."""
+    return json.loads(json.dumps({"dataset": dataset, "seed": seed, "config": dataclasses.asdict(config) | {"name": name}},
+                                 default=str))
+
+
+def check_resume(saved: dict | None, current: dict, rows: list, out: pathlib.Path) -> dict:
+    """Refuses to resume ``out`` under a different protocol (dataset, seed, attack config).
+
+    A folder written before the protocol was recorded (``saved`` is None) is taken as it is,
+    as the README's copy of ``docs/results/`` is; its ``results.json`` records its config.
+    """
+    if saved is not None and rows and saved != current:
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if "config" in diff:
+            diff.remove("config")
+            diff += [f"config.{k}" for k in sorted(set(saved["config"]) | set(current["config"]))
+                     if saved["config"].get(k) != current["config"].get(k)]
+        raise SystemExit(f"cannot resume {str(out)!r}: its {len(rows)} victims were run with a different {', '.join(diff)}; "
+                         "use the same flags or another --out")
+    return current
+
+
 def default_data_dir() -> pathlib.Path:
     """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
     env = os.environ.get("JAXLEAK_DATA")
@@ -159,10 +183,11 @@ def main(argv=None) -> int:
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper",
                    help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps")
     p.add_argument("--steps", type=int, default=None, help="outer L-BFGS steps (default: the config's, 300 as in the paper)")
-    p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 on CPU, 256 on GPU)")
+    p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
+                        "256 on GPU); a chunk is the unit of resume")
     p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
                    help="how victims are mapped (auto: the backend's default; processes: one pinned single-device "
-                        "worker per CPU core, started for each chunk, ~1.4x the CPU loop's throughput)")
+                        "worker per CPU core, started once for the run; ~1.4x the CPU loop's throughput or more)")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting chunks after this many seconds")
     add_output_flags(p)
     args = p.parse_args(argv)
@@ -173,7 +198,9 @@ def main(argv=None) -> int:
 
     backend = jax.default_backend()
     strategy = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if args.strategy == "auto" else args.strategy
-    chunk = args.chunk or (4 if backend == "cpu" else 256)
+    # A chunk waits for its slowest victim (2,000 to 6,000 evaluations): with 16 the workers
+    # of the processes strategy seldom stand idle at a chunk's end.
+    chunk = args.chunk or (256 if backend != "cpu" else 16 if strategy == "processes" else 4)
     config = CONFIGS[args.config]
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
@@ -183,6 +210,7 @@ def main(argv=None) -> int:
     done = {r["victim"] for r in rows}
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": 0.0}
+    meta["protocol"] = check_resume(meta.get("protocol"), protocol(args.dataset, args.seed, config, args.config), rows, args.out)
     ex_path = args.out / "examples.npz"
     examples = dict(np.load(ex_path)) if ex_path.exists() else {"x": np.zeros((0,)), "dlg": np.zeros((0,)), "idlg": np.zeros((0,))}
 
@@ -192,34 +220,36 @@ def main(argv=None) -> int:
     todo = [i for i in range(args.victims) if i not in done]
     start = time.time()
     bar = o.progress(total=len(todo), desc=f"idlg {args.dataset}", unit="victim")
-    for c in range(0, len(todo), chunk):
-        if time.time() - start > args.time_budget:
-            break
-        idx = todo[c:c + chunk]
-        t = time.time()
-        x, y_int, res = run_chunk(model, template, idx, images, labels, classes, args.seed, config, strategy)
-        with log.open("a") as f:
-            for j, i in enumerate(idx):
-                row = {"victim": i, "label": int(y_int[j])}
-                for method in ("dlg", "idlg"):
-                    r = res[method]
-                    row[method] = {"label": int(r["label_index"][j]), "mse": float(r["mse"][j]), "loss": float(r["loss"][j]),
-                                   "steps": int(r["steps"][j]), "evals": int(r["evals"][j]),
-                                   "seconds": float(r["seconds_per_victim"])}
-                f.write(json.dumps(row) + "\n")
-                rows.append(row)
-        if len(examples["x"]) < 8:
-            take = slice(0, 8 - len(examples["x"]))
-            for name, arr in (("x", np.asarray(x)), ("dlg", res["dlg"]["reconstruction"]), ("idlg", res["idlg"]["reconstruction"])):
-                examples[name] = np.concatenate([examples[name].reshape((-1, *arr.shape[1:])), arr[take]])
-            if "snapshots_dlg" not in examples:
-                examples["snapshots_dlg"] = res["dlg"]["snapshots"][0]
-                examples["snapshots_idlg"] = res["idlg"]["snapshots"][0]
-            np.savez(ex_path, **examples)
-        meta["seconds"] += time.time() - t
-        meta_path.write_text(json.dumps(meta))
-        bar.update(len(idx))
-        bar.set_postfix_str(f"chunk {time.time() - t:.1f}s")
+    # One worker pool for the whole run: its workers start and load each compiled attack once.
+    with processes.WorkerPool() if strategy == "processes" else contextlib.nullcontext() as pool:
+        for c in range(0, len(todo), chunk):
+            if time.time() - start > args.time_budget:
+                break
+            idx = todo[c:c + chunk]
+            t = time.time()
+            x, y_int, res = run_chunk(model, template, idx, images, labels, classes, args.seed, config, strategy, pool)
+            with log.open("a") as f:
+                for j, i in enumerate(idx):
+                    row = {"victim": i, "label": int(y_int[j])}
+                    for method in ("dlg", "idlg"):
+                        r = res[method]
+                        row[method] = {"label": int(r["label_index"][j]), "mse": float(r["mse"][j]), "loss": float(r["loss"][j]),
+                                       "steps": int(r["steps"][j]), "evals": int(r["evals"][j]),
+                                       "seconds": float(r["seconds_per_victim"])}
+                    f.write(json.dumps(row) + "\n")
+                    rows.append(row)
+            if len(examples["x"]) < 8:
+                take = slice(0, 8 - len(examples["x"]))
+                for name, arr in (("x", np.asarray(x)), ("dlg", res["dlg"]["reconstruction"]), ("idlg", res["idlg"]["reconstruction"])):
+                    examples[name] = np.concatenate([examples[name].reshape((-1, *arr.shape[1:])), arr[take]])
+                if "snapshots_dlg" not in examples:
+                    examples["snapshots_dlg"] = res["dlg"]["snapshots"][0]
+                    examples["snapshots_idlg"] = res["idlg"]["snapshots"][0]
+                np.savez(ex_path, **examples)
+            meta["seconds"] += time.time() - t
+            meta_path.write_text(json.dumps(meta))
+            bar.update(len(idx))
+            bar.set_postfix_str(f"chunk {time.time() - t:.1f}s")
     bar.close()
 
     rows.sort(key=lambda r: r["victim"])

@@ -1,5 +1,6 @@
 """The jaxleak command: user mistakes exit 2 with one line; recover/data/attack work and resume."""
 
+import dataclasses
 import json
 
 import jax
@@ -155,6 +156,26 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
                        "--steps", "2", "--json", "--quiet", "--out", str(tmp_path / "idlg"))
     assert res["summary"]["victims"] == 1 and res["summary"]["methods"]["idlg"]["label_accuracy"] == 1.0
     assert (tmp_path / "idlg" / "fidelity.png").exists()
+    code, _, err = _run(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "2", "--chunk", "1",
+                        "--steps", "3", "--quiet", "--out", str(tmp_path / "idlg"))  # another budget: not the same run
+    assert code != 0 and "config.steps" in err
+
+
+def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import idlg_reproduction as repro
+    from jaxleak import attacks
+
+    paper = repro.protocol("cifar100", 0, attacks.PAPER, "paper")
+    rows = [{"victim": 0}]
+    assert repro.check_resume(None, paper, rows, tmp_path) == paper  # a folder from before the protocol was saved
+    assert repro.check_resume(paper, paper, rows, tmp_path) == paper
+    other = repro.protocol("cifar100", 0, dataclasses.replace(attacks.PAPER, steps=10), "paper")
+    assert repro.check_resume(paper, other, [], tmp_path) == other  # nothing done yet: nothing to mix
+    with pytest.raises(SystemExit, match=r"1 victims were run with a different config\.steps"):
+        repro.check_resume(paper, other, rows, tmp_path)
+    with pytest.raises(SystemExit, match=r"different seed"):
+        repro.check_resume(paper, repro.protocol("cifar100", 1, attacks.PAPER, "paper"), rows, tmp_path)
 
 
 def test_bench_attack_json(npz_env, tmp_path, capsys):
