@@ -361,7 +361,10 @@ def _run_script(script: str, argv: Sequence[str]) -> int:
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as e:
-        return int(e.code or 0) if not isinstance(e.code, str) else EXIT_USAGE
+        if isinstance(e.code, str):  # sys.exit("message"): Python would print it; runpy does not
+            print(f"jaxleak: error: {e.code}", file=sys.stderr)
+            return EXIT_USAGE
+        return int(e.code or 0)
     finally:
         sys.argv, sys.path[:] = old_argv, old_path
     return 0
