@@ -251,6 +251,8 @@ def main(argv=None) -> int:
             bar.update(len(idx))
             bar.set_postfix_str(f"chunk {time.time() - t:.1f}s")
     bar.close()
+    if rows:  # a folder from before the protocol was recorded records it now
+        meta_path.write_text(json.dumps(meta))
 
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])
