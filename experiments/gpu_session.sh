@@ -7,7 +7,7 @@
 #   3. bench_attack at V = 1,024 (GPU_V_LARGE) (the goal: <= 30 s on one H100), with the fraction of peak FLOP/s;
 #   4. the iDLG reproduction on LFW (5,749 classes), 1,000 victims, for GPU_LFW_S seconds (default 120);
 #   5. the iDLG reproduction on CIFAR-100 for GPU_CIFAR_S seconds, only when set: its 1,000 victims
-#      ran on the CPU (docs/results/idlg_cifar100_cpu), LFW's would take ~19 h there.
+#      ran on the CPU (docs/results/idlg_cifar100_cpu), LFW's would take ~9 h there.
 #
 # The device machine has JAX with CUDA, flax, optax and chex but not dm-pix, and it cannot read
 # ../shared/data. Prepare once here, in the repository root (neither is committed: both are ignored

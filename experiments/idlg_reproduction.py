@@ -211,6 +211,8 @@ def main(argv=None) -> int:
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": 0.0}
     meta["protocol"] = check_resume(meta.get("protocol"), protocol(args.dataset, args.seed, config, args.config), rows, args.out)
+    if rows:  # a folder from before the protocol was recorded records it now, even if no chunk runs
+        meta_path.write_text(json.dumps(meta))
     ex_path = args.out / "examples.npz"
     examples = dict(np.load(ex_path)) if ex_path.exists() else {"x": np.zeros((0,)), "dlg": np.zeros((0,)), "idlg": np.zeros((0,))}
 
@@ -251,8 +253,6 @@ def main(argv=None) -> int:
             bar.update(len(idx))
             bar.set_postfix_str(f"chunk {time.time() - t:.1f}s")
     bar.close()
-    if rows:  # a folder from before the protocol was recorded records it now
-        meta_path.write_text(json.dumps(meta))
 
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])

@@ -54,6 +54,14 @@ def available_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def _worker_count(workers: Optional[int], cores: list[int]) -> int:
+    """``workers`` checked against the available ``cores`` (``None``: one per core)."""
+    workers = len(cores) if workers is None else int(workers)
+    if not 1 <= workers <= len(cores):
+        raise ValueError(f"workers must be between 1 and the {len(cores)} available cores, got {workers}")
+    return workers
+
+
 # --------------------------------------------------------------------------
 # Worker side. Module-level state is per worker process: the jitted functions and shared
 # arguments it was sent, by the hash of their pickle (a few, most recent last).
@@ -123,10 +131,7 @@ class WorkerPool:
 
     def __init__(self, workers: Optional[int] = None):
         cores = available_cores()
-        workers = len(cores) if workers is None else int(workers)
-        if not 1 <= workers <= len(cores):
-            raise ValueError(f"workers must be between 1 and the {len(cores)} available cores, got {workers}")
-        self.workers = workers
+        self.workers = workers = _worker_count(workers, cores)
         ctx = multiprocessing.get_context("spawn")
         queue = ctx.Queue()
         for core in cores[:workers]:
@@ -214,11 +219,7 @@ def map_in_processes(
         if workers is not None:
             raise ValueError("pass workers= or pool=, not both: a WorkerPool has its own workers")
         return pool.map(fn, args, in_axes, n, progress=progress, desc=desc)
-    cores = available_cores()
-    workers = len(cores) if workers is None else int(workers)
-    if not 1 <= workers <= len(cores):
-        raise ValueError(f"workers must be between 1 and the {len(cores)} available cores, got {workers}")
-    with WorkerPool(min(workers, n)) as own:
+    with WorkerPool(min(_worker_count(workers, available_cores()), n)) as own:
         return own.map(fn, args, in_axes, n, progress=progress, desc=desc)
 
 
