@@ -36,6 +36,8 @@ import pickle
 import re
 import shutil
 import tempfile
+import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -71,7 +73,21 @@ _CACHED = 4
 _WORKER: collections.OrderedDict = collections.OrderedDict()
 
 
-def _init_worker(cores) -> None:
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Ends this worker when its parent ``parent`` is gone (a watchdog thread's loop).
+
+    A driver killed without cleanup (SIGTERM, SIGKILL, out of memory) cannot stop its
+    workers, and a worker in the middle of a long victim would run on, then wait forever
+    for the next one, holding its core. Once the parent dies the worker is re-parented, so
+    ``os.getppid()`` changes: then exit at once, without cleanup (nothing of it is kept).
+    """
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(3)
+
+
+def _init_worker(cores, parent: int) -> None:
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="jaxleak-parent-watch").start()
     core = cores.get(timeout=120)
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {core})  # before the backend starts: its thread pool has one thread
@@ -126,7 +142,8 @@ class WorkerPool:
 
     ``workers``: how many (``None``: one per core of :func:`available_cores`; more than
     those is an error). Workers start on first use. Use it as a context manager, or call
-    :meth:`close`; a worker that dies breaks the pool (``BrokenProcessPool``).
+    :meth:`close`; a worker that dies breaks the pool (``BrokenProcessPool``). Workers
+    exit by themselves within a second of this process dying without closing the pool.
     """
 
     def __init__(self, workers: Optional[int] = None):
@@ -138,7 +155,8 @@ class WorkerPool:
             queue.put(core)
         # concurrent.futures rather than multiprocessing.Pool: a worker that dies (killed for
         # memory, say) raises BrokenProcessPool instead of leaving its victim's task waiting.
-        self._executor = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,))
+        self._executor = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(queue, os.getpid()))
         self._dir = pathlib.Path(tempfile.mkdtemp(prefix="jaxleak-pool-"))
 
     def map(self, fn: Callable, args: tuple, in_axes: Sequence[Optional[int]], n: int, *,

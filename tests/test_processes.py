@@ -105,3 +105,53 @@ def test_a_worker_pool_is_kept_across_calls_with_its_compiled_functions(tiny):
         pool.map(_traced, (x,), (0,), 4)
     with pytest.raises(ValueError, match="available cores"):
         processes.WorkerPool(len(processes.available_cores()) + 1)
+
+
+def _my_pid(x):
+    """Runs in a worker: its pid, read when the worker traces this function."""
+    return jnp.asarray(os.getpid()) + 0 * x.sum().astype(jnp.int32)
+
+
+_ORPHAN_SCRIPT = """
+import os, signal, sys
+import numpy as np
+from jaxleak import processes, victims
+sys.path.insert(0, {tests!r})
+from test_processes import _my_pid
+if __name__ == "__main__":
+    pool = processes.WorkerPool({workers})
+    pids = victims.map_victims(_my_pid, (np.zeros((4, 1), np.int32),), (0,), strategy="processes", pool=pool)
+    print(" ".join(str(p) for p in sorted(set(pids.tolist()))), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # dies without closing the pool
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = open(f"/proc/{pid}/status").read()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads worker states from /proc (Linux)")
+def test_workers_exit_when_their_driver_is_killed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    workers = min(2, len(processes.available_cores()))
+    script = _ORPHAN_SCRIPT.format(tests=os.path.dirname(__file__), workers=workers)
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as o, open(err, "w") as e:  # files, not pipes: orphans would hold a pipe open
+        code = subprocess.Popen([sys.executable, "-c", script], stdout=o, stderr=e).wait(timeout=300)
+    assert code == -9, err.read_text()[-2000:]
+    pids = [int(p) for p in out.read_text().split()]
+    assert 1 <= len(pids) <= workers
+    deadline = time.monotonic() + 20
+    while any(map(_alive, pids)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = [p for p in pids if _alive(p)]
+    for p in left:
+        os.kill(p, 9)
+    assert not left, f"workers {left} outlived their killed driver"
