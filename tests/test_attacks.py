@@ -185,6 +185,24 @@ def test_bad_input_gets_clear_errors(tiny):
         attacks.AttackConfig(precision="fp8")
 
 
+def test_the_driver_names_victims_with_nan_or_inf_inputs(tiny):
+    """Under the driver's jit the one-victim check sees tracers: attack_victims checks the stacked inputs."""
+    cfg = dataclasses.replace(attacks.PAPER, steps=1)
+    run = lambda g, **kw: attacks.attack_victims("idlg", jax.random.PRNGKey(0), tiny["model"].apply, tiny["params"],
+                                                 g, SHAPE, config=cfg, strategy="loop", **kw)
+    g = jax.tree_util.tree_map(lambda a: a, tiny["grads"])
+    g["conv2"]["kernel"] = g["conv2"]["kernel"].at[1, 0, 0, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"1 victim\(s\) \[1\], in \['conv2/kernel'\]"):
+        run(g)
+    g["head"]["bias"] = g["head"]["bias"].at[0, 2].set(jnp.inf)
+    with pytest.raises(ValueError, match=r"2 victim\(s\) \[0, 1\], in \['conv2/kernel', 'head/bias'\]"):
+        run(g)
+    labels = tiny["y"].at[0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"victim\(s\) \[0\], in \['labels'\]"):
+        attacks.attack_victims("given_label", jax.random.PRNGKey(0), tiny["model"].apply, tiny["params"],
+                               tiny["grads"], SHAPE, labels, config=cfg, strategy="loop")
+
+
 @pytest.mark.parametrize("conv", ["patches", "slices"])
 def test_fast_code_paths_agree_with_pytorch_order_ones(tiny, conv):
     """What "auto" picks (compact L-BFGS direction, patch convolutions) gives the attack that
