@@ -85,20 +85,22 @@ def _rank_one_fit(G: Array) -> tuple[Array, Array, Array, Array, Array]:
 
     Returns ``(finite, scale, r, c, resid)``: whether ``G`` is finite,
     ``max |G|``, the column ``r`` of largest norm, ``c = G^T g_r / |g_r|^2``
-    (so ``G ~ g_r c^T``) and the relative residual of that rank-1 fit. The
-    Gram matrix ``G^T G`` (one matrix product, full precision) gives ``r`` and
-    ``c``; the residual is summed explicitly (computing it from the Gram matrix
-    loses it to cancellation in float32). A NaN or Inf in ``G`` makes ``scale``
-    non-finite, which is all the caller needs then.
+    (so ``G ~ g_r c^T``) and the relative residual of that rank-1 fit. Only
+    the diagonal and column ``r`` of the Gram matrix ``G^T G`` are needed: the
+    column sums of squares and one full-precision matrix-vector product, O(dK)
+    (the whole ``K x K`` Gram matrix would cost O(d K^2): 51 GFLOP for LFW's
+    d = 768, K = 5,749). The residual is summed explicitly (computing it from
+    Gram entries loses it to cancellation in float32). A NaN or Inf in ``G``
+    makes ``scale`` non-finite, which is all the caller needs then.
     """
     scale = jnp.max(jnp.abs(G))  # NaN propagates through max
     finite = jnp.isfinite(scale)
     Gn = G * (1 / jnp.where(finite & (scale > 0), scale, 1))  # |Gn| <= 1: no overflow in the squares
-    M = jnp.matmul(Gn.T, Gn, precision=jax.lax.Precision.HIGHEST)
-    r = jnp.argmax(jnp.diagonal(M))
+    col_sq = jnp.sum(Gn * Gn, axis=0)  # the Gram matrix's diagonal
+    r = jnp.argmax(col_sq)
     tiny = jnp.finfo(Gn.dtype).tiny
-    c = M[:, r] / jnp.maximum(M[r, r], tiny)
-    resid = jnp.sqrt(jnp.sum((Gn - Gn[:, r, None] * c[None, :]) ** 2)) / jnp.maximum(jnp.sqrt(jnp.trace(M)), tiny)
+    c = jnp.matmul(Gn.T, Gn[:, r], precision=jax.lax.Precision.HIGHEST) / jnp.maximum(col_sq[r], tiny)
+    resid = jnp.sqrt(jnp.sum((Gn - Gn[:, r, None] * c[None, :]) ** 2)) / jnp.maximum(jnp.sqrt(jnp.sum(col_sq)), tiny)
     return finite, scale, r, c, resid
 
 
