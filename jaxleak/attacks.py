@@ -39,6 +39,7 @@ from jaxleak import objectives as _objectives
 from jaxleak import processes as _processes
 from jaxleak import recovery as _recovery
 from jaxleak import victims as _victims
+from jaxleak.recovery._core import _raise_for_reasons
 
 Array = jax.Array
 PyTree = Any
@@ -335,11 +336,26 @@ def _params(variables: PyTree) -> PyTree:
     return variables["params"] if isinstance(variables, dict) and "params" in variables else variables
 
 
+def _check_one_example(kernel_grad: Array, what: str) -> None:
+    """Raises ``ValueError`` unless the last-layer kernel gradient(s) can be one example's (rank 1, non-zero).
+
+    Every attack here reconstructs one image from one example's gradient; a batch's
+    gradient (rank > 1) or an all-zero one would be matched silently and wrongly.
+    ``kernel_grad`` ``(d, K)`` or ``(V, d, K)``; other layouts are not checked.
+    """
+    if jnp.ndim(kernel_grad) in (2, 3):
+        with jax.ensure_compile_time_eval():  # concrete inputs, even while an outer jit traces the caller
+            reason = _recovery.gradient_reason(kernel_grad)
+        _raise_for_reasons(reason, f"{what}: the last layer's kernel gradient cannot be one example's")
+
+
 def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int], label: Optional[Array] = None) -> int:
     """Raises ``ValueError`` on a target gradient that does not fit the model, a bad ``x_shape`` or label.
 
     Shapes and tree structures are static and always checked; NaN/Inf in
-    ``target_grads`` is checked when the arrays are concrete (outside ``jit``).
+    ``target_grads``, and that its last-layer kernel gradient is one example's (rank 1,
+    not all zero: ``jaxleak.recovery.gradient_reason``), when the arrays are concrete
+    (outside ``jit``; ``attack_victims`` checks its stacked inputs itself).
     Returns the number of classes K.
     """
     params = _params(variables)
@@ -363,6 +379,7 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
                      if not np.all(np.isfinite(np.asarray(g)))]
         if nonfinite:
             raise ValueError(f"target_grads contains NaN or Inf in {nonfinite}")
+        _check_one_example(_models.last_layer(target_grads)[0], "target_grads")
     kernel, _ = _models.last_layer(params)
     k = kernel.shape[-1]
     if label is not None and jnp.shape(label) != (k,):
@@ -616,7 +633,8 @@ def attack_victims(
         the 2-core CPU); not with ``workers``.
 
     Raises ``ValueError`` before any victim runs when a victim's target gradient or label
-    holds NaN or Inf (naming the victims and tensors).
+    holds NaN or Inf (naming the victims and tensors), or when its last-layer kernel
+    gradient cannot be one example's (rank > 1: a batch's; or all zero).
 
     Returns:
       numpy arrays with a leading V axis: ``reconstruction``, ``label`` (K,),
@@ -626,6 +644,8 @@ def attack_victims(
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
     n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
     _check_victims_finite(target_grads, labels)
+    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(target_grads)):
+        _check_one_example(_models.last_layer(target_grads)[0], "attack_victims: target_grads")
     keys = _victims.victim_keys(key, n)
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY.get(jax.default_backend(), "vmap")

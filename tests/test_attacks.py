@@ -203,6 +203,25 @@ def test_the_driver_names_victims_with_nan_or_inf_inputs(tiny):
                                tiny["grads"], SHAPE, labels, config=cfg, strategy="loop")
 
 
+def test_a_batch_gradient_is_refused_where_one_examples_is_needed(tiny):
+    """The gradient of a batch of 2 (same shapes as one example's) has a rank-2 head kernel gradient."""
+    model, key = tiny["model"], jax.random.PRNGKey(0)
+    p0 = tiny["take"](tiny["params"], 0)
+    mean_loss = lambda p: (victims.loss(model.apply, p, tiny["x"][0], tiny["y"][0])
+                           + victims.loss(model.apply, p, tiny["x"][1], tiny["y"][1])) / 2
+    batch = jax.grad(mean_loss)(p0)["params"]  # what FedSGD shares for a batch of 2
+    cfg = dataclasses.replace(attacks.PAPER, steps=1)
+    for attack in (attacks.dlg, attacks.idlg):
+        with pytest.raises(ValueError, match="cannot be one example's: last-layer gradient has rank > 1"):
+            attack(key, model.apply, p0, batch, SHAPE, config=cfg)
+    stacked = jax.tree_util.tree_map(lambda one, b: jnp.stack([one[0], b]), tiny["grads"], batch)
+    with pytest.raises(ValueError, match=r"rank > 1 .*\(victims \[1\]\)"):
+        attacks.attack_victims("dlg", key, model.apply, tiny["params"], stacked, SHAPE, config=cfg, strategy="loop")
+    zero = jax.tree_util.tree_map(jnp.zeros_like, tiny["grads"])
+    with pytest.raises(ValueError, match=r"all-zero last-layer gradient .*\(victims \[0, 1\]\)"):
+        attacks.attack_victims("idlg", key, model.apply, tiny["params"], zero, SHAPE, config=cfg, strategy="loop")
+
+
 @pytest.mark.parametrize("conv", ["patches", "slices"])
 def test_fast_code_paths_agree_with_pytorch_order_ones(tiny, conv):
     """What "auto" picks (compact L-BFGS direction, patch convolutions) gives the attack that

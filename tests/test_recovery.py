@@ -264,6 +264,14 @@ def test_bad_inputs_raise_outside_jit_and_flag_inside():
     np.testing.assert_array_equal(out.reason, [recovery.RANK_GT_1, recovery.NON_FINITE, recovery.ZERO_GRADIENT, recovery.OK])
     np.testing.assert_array_equal(out.ok, [False, False, False, True])
     np.testing.assert_array_equal(jax.jit(jax.vmap(recovery.idlg_label))(stacked)[:3], [-1, -1, -1])
+    codes = [recovery.RANK_GT_1, recovery.NON_FINITE, recovery.ZERO_GRADIENT, recovery.OK]
+    np.testing.assert_array_equal(recovery.gradient_reason(stacked), codes)  # (V, d, K) -> (V,)
+    assert [int(recovery.gradient_reason(g)) for g in stacked] == codes
+    exact = jnp.outer(jnp.arange(1.0, 9.0), jnp.array([0.3, -0.5, 0.2]))  # h (p - y)^T: rank 1 exactly
+    assert int(recovery.gradient_reason(exact)) == recovery.OK
+    assert int(recovery.gradient_reason(exact.at[0, 0].add(0.1))) == recovery.RANK_GT_1
+    with pytest.raises(ValueError, match="weight_grad must be the last layer's kernel gradient"):
+        recovery.gradient_reason(jnp.ones(5))
 
 
 def test_argument_errors_name_the_argument():

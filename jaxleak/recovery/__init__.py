@@ -47,6 +47,7 @@ from jaxleak.recovery._core import (
     SEARCHES,
     ZERO_GRADIENT,
     SoftLabel,
+    gradient_reason,
     pseudo_label,
     variance_loss,
 )
@@ -69,6 +70,7 @@ __all__ = (
     "PaperSearch",
     "RobustSearch",
     "SoftLabel",
+    "gradient_reason",
     "idlg_label",
     "pseudo_label",
     "soft_label",

@@ -9,6 +9,7 @@ ICLR 2024), the variance criterion that picks ``lam`` (:func:`variance_loss`,
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.struct
@@ -120,6 +121,22 @@ def _input_reason(G: Array, W: Optional[Array] = None, b: Optional[Array] = None
                   rank_tol: float = 1e-3) -> Array:
     """Reason code for unusable inputs: non-finite, all-zero, or rank > 1 (``G`` ``(d, K)``)."""
     return _checks(G, W, b, db, rank_tol)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("rank_tol",))
+def gradient_reason(weight_grad: Array, rank_tol: float = 1e-3) -> Array:
+    """Whether a last-layer kernel gradient can be one example's: a :data:`REASONS` code per victim.
+
+    One example's gradient of a dense last layer is the outer product ``h (p - y)^T``
+    (rank 1; Zhao et al. 2020 §3, Wang et al. 2024 Eq. 3), which every read-out of this
+    package and every one-image reconstruction relies on. ``weight_grad`` ``(d, K)`` or
+    ``(V, d, K)``; returns ``OK``, ``NON_FINITE``, ``ZERO_GRADIENT`` or ``RANK_GT_1`` (the
+    relative residual of the best rank-1 fit above ``rank_tol``: a batch of several
+    examples), shape ``()`` or ``(V,)``. O(dK) per victim.
+    """
+    _check_last_layer(weight_grad)
+    fn = functools.partial(_input_reason, rank_tol=rank_tol)
+    return jax.vmap(fn)(weight_grad) if weight_grad.ndim == 3 else fn(weight_grad)
 
 
 def _raise_for_reasons(reason, what: str) -> None:
