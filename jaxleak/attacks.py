@@ -340,7 +340,10 @@ def _check_one_example(kernel_grad: Array, what: str) -> None:
     """Raises ``ValueError`` unless the last-layer kernel gradient(s) can be one example's (rank 1, non-zero).
 
     Every attack here reconstructs one image from one example's gradient; a batch's
-    gradient (rank > 1) or an all-zero one would be matched silently and wrongly.
+    gradient (rank > 1) or an all-zero one would be matched silently and wrongly. A
+    defended gradient (noised, pruned, quantised) is not rank 1 either: callers that mean
+    to attack one turn this check off (``require_one_example=False`` of the attacks and of
+    :func:`attack_victims`).
     ``kernel_grad`` ``(d, K)`` or ``(V, d, K)``; other layouts are not checked.
     """
     if jnp.ndim(kernel_grad) in (2, 3):
@@ -349,14 +352,15 @@ def _check_one_example(kernel_grad: Array, what: str) -> None:
         _raise_for_reasons(reason, f"{what}: the last layer's kernel gradient cannot be one example's")
 
 
-def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int], label: Optional[Array] = None) -> int:
+def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int], label: Optional[Array] = None,
+                 *, require_one_example: bool = True) -> int:
     """Raises ``ValueError`` on a target gradient that does not fit the model, a bad ``x_shape`` or label.
 
     Shapes and tree structures are static and always checked; NaN/Inf in
-    ``target_grads``, and that its last-layer kernel gradient is one example's (rank 1,
-    not all zero: ``jaxleak.recovery.gradient_reason``), when the arrays are concrete
-    (outside ``jit``; ``attack_victims`` checks its stacked inputs itself).
-    Returns the number of classes K.
+    ``target_grads``, and with ``require_one_example`` that its last-layer kernel gradient
+    can be one example's (rank 1, not all zero: ``jaxleak.recovery.gradient_reason``),
+    when the arrays are concrete (outside ``jit``; ``attack_victims`` checks its stacked
+    inputs itself). Returns the number of classes K.
     """
     params = _params(variables)
     p_struct, g_struct = jax.tree_util.tree_structure(params), jax.tree_util.tree_structure(target_grads)
@@ -379,7 +383,8 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
                      if not np.all(np.isfinite(np.asarray(g)))]
         if nonfinite:
             raise ValueError(f"target_grads contains NaN or Inf in {nonfinite}")
-        _check_one_example(_models.last_layer(target_grads)[0], "target_grads")
+        if require_one_example:
+            _check_one_example(_models.last_layer(target_grads)[0], "target_grads")
     kernel, _ = _models.last_layer(params)
     k = kernel.shape[-1]
     if label is not None and jnp.shape(label) != (k,):
@@ -444,6 +449,8 @@ def given_label(
     label: Array,
     config: AttackConfig = PAPER,
     feature: Optional[Array] = None,
+    *,
+    require_one_example: bool = True,
 ) -> AttackResult:
     """Gradient matching over the image only, with a fixed label distribution ``label`` ``(K,)``.
 
@@ -457,8 +464,11 @@ def given_label(
     ``apply_fn(variables, x, return_feature=True)``) to it, paper 2's feature
     matching (§4.9(b); drop the head's kernel with ``exclude_tensors`` for its
     ``f`` variant). Ignored when ``feature_weight`` is 0.
+
+    ``require_one_example=False`` lets a target gradient that cannot be one example's
+    through (a defended one: noised, pruned, quantised; :func:`check_inputs`).
     """
-    check_inputs(variables, target_grads, x_shape, label)
+    check_inputs(variables, target_grads, x_shape, label, require_one_example=require_one_example)
     if config.feature_weight > 0:
         if feature is None:
             raise ValueError("config.feature_weight > 0 needs the recovered feature: pass feature=")
@@ -502,13 +512,16 @@ def dlg(
     target_grads: PyTree,
     x_shape: Sequence[int],
     config: AttackConfig = PAPER,
+    *,
+    require_one_example: bool = True,
 ) -> AttackResult:
     """DLG (Zhu et al. 2019): dummy image ``x' ~ N(0, 1)`` and label logits ``v ~ N(0, 1)`` optimised jointly.
 
     The dummy loss is the soft-label CE with ``softmax(v)`` (ALGORITHMS.md
     §2.1-§2.2); the predicted class is ``argmax(result.label)``.
+    ``require_one_example``: as in :func:`given_label`.
     """
-    k = check_inputs(variables, target_grads, x_shape)
+    k = check_inputs(variables, target_grads, x_shape, require_one_example=require_one_example)
     dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
     objective = _objective(apply_fn, variables, target_grads, config, None)
 
@@ -529,14 +542,17 @@ def inverting_gradients(
     x_shape: Sequence[int],
     label: Array,
     config: AttackConfig = INVERTING_GRADIENTS,
+    *,
+    require_one_example: bool = True,
 ) -> AttackResult:
     """Inverting Gradients (Geiping et al. 2020): cosine distance + TV prior, Adam with step decay.
 
     :func:`given_label` with the :data:`INVERTING_GRADIENTS` defaults (paper 2's
     settings, ALGORITHMS.md §4.9(b)); pass ``config`` to change TV, signed
-    gradients, box constraint or restarts.
+    gradients, box constraint or restarts. ``require_one_example``: as in :func:`given_label`.
     """
-    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config)
+    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config,
+                       require_one_example=require_one_example)
 
 
 ATTACKS: dict[str, Callable[..., AttackResult]] = {
@@ -610,6 +626,7 @@ def attack_victims(
     progress: bool = False,
     workers: Optional[int] = None,
     pool: Optional[_processes.WorkerPool] = None,
+    require_one_example: bool = True,
 ) -> dict[str, np.ndarray]:
     """Runs one attack on V victims (``jaxleak.victims.map_victims``) and scores it.
 
@@ -631,10 +648,15 @@ def attack_victims(
       pool: a ``jaxleak.processes.WorkerPool`` for ``"processes"``, kept across calls: its
         workers start once and keep each compiled attack (~2.7 s saved per call, iDLG on
         the 2-core CPU); not with ``workers``.
+      require_one_example: refuse target gradients whose last-layer kernel gradient cannot
+        be one example's (``jaxleak.recovery.gradient_reason``: rank > 1, as a batch's, or
+        all zero). Turn off to attack defended (noised, pruned) gradients, which are not
+        rank 1. iDLG is always checked: its label read-out needs a rank-1 head gradient
+        (under ``jit`` it would give no class, an all-zero label, instead of an error).
 
     Raises ``ValueError`` before any victim runs when a victim's target gradient or label
-    holds NaN or Inf (naming the victims and tensors), or when its last-layer kernel
-    gradient cannot be one example's (rank > 1: a batch's; or all zero).
+    holds NaN or Inf (naming the victims and tensors), or, with ``require_one_example``,
+    when its last-layer kernel gradient cannot be one example's.
 
     Returns:
       numpy arrays with a leading V axis: ``reconstruction``, ``label`` (K,),
@@ -644,7 +666,8 @@ def attack_victims(
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
     n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
     _check_victims_finite(target_grads, labels)
-    if not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(target_grads)):
+    concrete = not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(target_grads))
+    if (require_one_example or fn is idlg) and concrete:
         _check_one_example(_models.last_layer(target_grads)[0], "attack_victims: target_grads")
     keys = _victims.victim_keys(key, n)
     if strategy == "auto":

@@ -214,9 +214,16 @@ def test_a_batch_gradient_is_refused_where_one_examples_is_needed(tiny):
     for attack in (attacks.dlg, attacks.idlg):
         with pytest.raises(ValueError, match="cannot be one example's: last-layer gradient has rank > 1"):
             attack(key, model.apply, p0, batch, SHAPE, config=cfg)
+    assert attacks.dlg(key, model.apply, p0, batch, SHAPE, config=cfg, require_one_example=False).evals >= 1
     stacked = jax.tree_util.tree_map(lambda one, b: jnp.stack([one[0], b]), tiny["grads"], batch)
-    with pytest.raises(ValueError, match=r"rank > 1 .*\(victims \[1\]\)"):
-        attacks.attack_victims("dlg", key, model.apply, tiny["params"], stacked, SHAPE, config=cfg, strategy="loop")
+    run = lambda g, **kw: attacks.attack_victims("dlg", key, model.apply, tiny["params"], g, SHAPE, config=cfg,
+                                                 strategy="loop", **kw)
+    with pytest.raises(ValueError, match=r"cannot be one example's: last-layer gradient has rank > 1 .*\(victims \[1\]\)"):
+        run(stacked)
+    assert run(stacked, require_one_example=False)["evals"].min() >= 1  # a defended gradient is attacked on request
+    with pytest.raises(ValueError, match=r"rank > 1 .*\(victims \[1\]\)"):  # iDLG cannot read its label off it
+        attacks.attack_victims("idlg", key, model.apply, tiny["params"], stacked, SHAPE, config=cfg,
+                               strategy="loop", require_one_example=False)
     zero = jax.tree_util.tree_map(jnp.zeros_like, tiny["grads"])
     with pytest.raises(ValueError, match=r"all-zero last-layer gradient .*\(victims \[0, 1\]\)"):
         attacks.attack_victims("idlg", key, model.apply, tiny["params"], zero, SHAPE, config=cfg, strategy="loop")
