@@ -230,6 +230,11 @@ def _batch_norm(train: bool, name: Optional[str] = None) -> nn.BatchNorm:
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
+def _resnet_conv(features: int, k: int, stride: int, name: str) -> nn.Conv:
+    """A bias-free ``k x k`` convolution with PyTorch's ``padding=k // 2``, as torchvision's ResNets."""
+    return nn.Conv(features, (k, k), strides=(stride, stride), padding=((k // 2, k // 2),) * 2, use_bias=False, name=name)
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs), projection shortcut when shape changes."""
 
@@ -238,13 +243,10 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = lambda f, k, s, name: nn.Conv(
-            f, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=False, name=name
-        )
-        y = nn.relu(_batch_norm(train, "bn1")(conv(self.features, 3, self.stride, "conv1")(x)))
-        y = _batch_norm(train, "bn2")(conv(self.features, 3, 1, "conv2")(y))
+        y = nn.relu(_batch_norm(train, "bn1")(_resnet_conv(self.features, 3, self.stride, "conv1")(x)))
+        y = _batch_norm(train, "bn2")(_resnet_conv(self.features, 3, 1, "conv2")(y))
         if self.stride != 1 or x.shape[-1] != self.features:
-            x = _batch_norm(train, "shortcut_bn")(conv(self.features, 1, self.stride, "shortcut")(x))
+            x = _batch_norm(train, "shortcut_bn")(_resnet_conv(self.features, 1, self.stride, "shortcut")(x))
         return nn.relu(x + y)
 
 
@@ -256,15 +258,12 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = lambda f, k, s, name: nn.Conv(
-            f, (k, k), strides=(s, s), padding=((k // 2, k // 2),) * 2, use_bias=False, name=name
-        )
         out = self.features * 4
-        y = nn.relu(_batch_norm(train, "bn1")(conv(self.features, 1, 1, "conv1")(x)))
-        y = nn.relu(_batch_norm(train, "bn2")(conv(self.features, 3, self.stride, "conv2")(y)))
-        y = _batch_norm(train, "bn3")(conv(out, 1, 1, "conv3")(y))
+        y = nn.relu(_batch_norm(train, "bn1")(_resnet_conv(self.features, 1, 1, "conv1")(x)))
+        y = nn.relu(_batch_norm(train, "bn2")(_resnet_conv(self.features, 3, self.stride, "conv2")(y)))
+        y = _batch_norm(train, "bn3")(_resnet_conv(out, 1, 1, "conv3")(y))
         if self.stride != 1 or x.shape[-1] != out:
-            x = _batch_norm(train, "shortcut_bn")(conv(out, 1, self.stride, "shortcut")(x))
+            x = _batch_norm(train, "shortcut_bn")(_resnet_conv(out, 1, self.stride, "shortcut")(x))
         return nn.relu(x + y)
 
 
