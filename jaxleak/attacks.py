@@ -39,7 +39,7 @@ from jaxleak import objectives as _objectives
 from jaxleak import processes as _processes
 from jaxleak import recovery as _recovery
 from jaxleak import victims as _victims
-from jaxleak.recovery._core import _raise_for_reasons
+from jaxleak.recovery._core import _is_concrete, _raise_for_reasons
 
 Array = jax.Array
 PyTree = Any
@@ -378,7 +378,7 @@ def check_inputs(variables: PyTree, target_grads: PyTree, x_shape: Sequence[int]
     if len(tuple(x_shape)) != 3:
         raise ValueError(f"x_shape must be one image's (H, W, C), got {tuple(x_shape)}")
     leaves = jax.tree_util.tree_leaves(target_grads)
-    if all(not isinstance(a, jax.core.Tracer) for a in leaves):
+    if _is_concrete(*leaves):
         nonfinite = [_objectives.tensor_name(p) for p, g in jax.tree_util.tree_flatten_with_path(target_grads)[0]
                      if not np.all(np.isfinite(np.asarray(g)))]
         if nonfinite:
@@ -593,7 +593,7 @@ def _check_victims_finite(target_grads: PyTree, labels: Optional[Array]) -> None
     named = list(jax.tree_util.tree_flatten_with_path(target_grads)[0])
     if labels is not None:
         named.append((("labels",), labels))
-    if any(isinstance(a, jax.core.Tracer) for _, a in named):
+    if not _is_concrete(*(a for _, a in named)):
         return
     bad_victims, bad_tensors = set(), []
     for path, a in named:
@@ -666,8 +666,7 @@ def attack_victims(
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
     n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
     _check_victims_finite(target_grads, labels)
-    concrete = not any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(target_grads))
-    if (require_one_example or fn is idlg) and concrete:
+    if (require_one_example or fn is idlg) and _is_concrete(*jax.tree_util.tree_leaves(target_grads)):
         _check_one_example(_models.last_layer(target_grads)[0], "attack_victims: target_grads")
     keys = _victims.victim_keys(key, n)
     if strategy == "auto":
