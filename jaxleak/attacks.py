@@ -542,6 +542,7 @@ def inverting_gradients(
     x_shape: Sequence[int],
     label: Array,
     config: AttackConfig = INVERTING_GRADIENTS,
+    feature: Optional[Array] = None,
     *,
     require_one_example: bool = True,
 ) -> AttackResult:
@@ -549,9 +550,10 @@ def inverting_gradients(
 
     :func:`given_label` with the :data:`INVERTING_GRADIENTS` defaults (paper 2's
     settings, ALGORITHMS.md §4.9(b)); pass ``config`` to change TV, signed
-    gradients, box constraint or restarts. ``require_one_example``: as in :func:`given_label`.
+    gradients, box constraint or restarts. ``feature`` (with ``config.feature_weight > 0``,
+    then the cosine feature term) and ``require_one_example``: as in :func:`given_label`.
     """
-    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config,
+    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config, feature,
                        require_one_example=require_one_example)
 
 
@@ -579,11 +581,11 @@ def _call(fn, apply_fn, shape, config, k, v, g):
     return fn(k, apply_fn, v, g, shape, config=config)
 
 
-def _call_with_labels(fn, apply_fn, shape, config, k, v, g, y):
-    return fn(k, apply_fn, v, g, shape, y, config=config)
+def _call_with_labels(fn, apply_fn, shape, config, k, v, g, y, *feature):
+    return fn(k, apply_fn, v, g, shape, y, config=config, **({"feature": feature[0]} if feature else {}))
 
 
-def _check_victims_finite(target_grads: PyTree, labels: Optional[Array]) -> None:
+def _check_victims_finite(target_grads: PyTree, labels: Optional[Array], features: Optional[Array] = None) -> None:
     """Raises ``ValueError`` naming the victims and tensors with NaN or Inf in a stacked input.
 
     The one-victim attacks check this only on concrete arrays (:func:`check_inputs`);
@@ -591,8 +593,8 @@ def _check_victims_finite(target_grads: PyTree, labels: Optional[Array]) -> None
     back as a NaN reconstruction. Reduced where the arrays live: only V flags reach the host.
     """
     named = list(jax.tree_util.tree_flatten_with_path(target_grads)[0])
-    if labels is not None:
-        named.append((("labels",), labels))
+    extra = {name: a for name, a in (("labels", labels), ("features", features)) if a is not None}
+    named += [((name,), a) for name, a in extra.items()]
     if not _is_concrete(*(a for _, a in named)):
         return
     bad_victims, bad_tensors = set(), []
@@ -601,7 +603,7 @@ def _check_victims_finite(target_grads: PyTree, labels: Optional[Array]) -> None
         ok = np.asarray(jnp.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
         if not ok.all():
             bad_victims.update(np.flatnonzero(~ok).tolist())
-            bad_tensors.append("labels" if path == ("labels",) else _objectives.tensor_name(path))
+            bad_tensors.append(path[0] if path[0] in extra else _objectives.tensor_name(path))
     if bad_victims:
         shown = sorted(bad_victims)
         more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
@@ -618,6 +620,7 @@ def attack_victims(
     x_shape: Sequence[int],
     labels: Optional[Array] = None,
     *,
+    features: Optional[Array] = None,
     config: AttackConfig = PAPER,
     per_victim_params: bool = True,
     x_true: Optional[Array] = None,
@@ -636,6 +639,9 @@ def attack_victims(
       variables: stacked per-victim variables (leading axis V) or one shared model.
       target_grads: stacked shared gradients, leading axis V.
       labels: ``(V, K)`` for ``given_label``/``inverting_gradients``.
+      features: ``(V, d)`` recovered last-layer inputs, one per victim (e.g.
+        ``jaxleak.recovery.soft_label(...).feature``), for the feature term of
+        ``given_label``/``inverting_gradients``; needs ``labels`` and ``config.feature_weight > 0``.
       x_true: ``(V, H, W, C)`` private images for MSE/PSNR/SSIM (optional).
       strategy: ``"vmap"``, ``"loop"``, ``"processes"`` or ``"auto"`` (:data:`DEFAULT_STRATEGY`
         per backend). ``"processes"`` (CPU): one worker process per core, each pinned to
@@ -654,8 +660,8 @@ def attack_victims(
         rank 1. iDLG is always checked: its label read-out needs a rank-1 head gradient
         (under ``jit`` it would give no class, an all-zero label, instead of an error).
 
-    Raises ``ValueError`` before any victim runs when a victim's target gradient or label
-    holds NaN or Inf (naming the victims and tensors), or, with ``require_one_example``,
+    Raises ``ValueError`` before any victim runs when a victim's target gradient, label or
+    feature holds NaN or Inf (naming the victims and tensors), or, with ``require_one_example``,
     when its last-layer kernel gradient cannot be one example's.
 
     Returns:
@@ -665,7 +671,15 @@ def attack_victims(
     """
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
     n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
-    _check_victims_finite(target_grads, labels)
+    if features is not None:
+        if labels is None:
+            raise ValueError("features= goes with labels= (given_label, inverting_gradients): the feature term needs a label")
+        if config.feature_weight <= 0:
+            raise ValueError("features= is used only with config.feature_weight > 0; it is 0, so they would be ignored")
+        d = _models.last_layer(_params(variables))[0].shape[-2]
+        if jnp.shape(features) != (n, d):
+            raise ValueError(f"features must be ({n}, {d}): one last-layer input per victim, got shape {jnp.shape(features)}")
+    _check_victims_finite(target_grads, labels, features)
     if (require_one_example or fn is idlg) and _is_concrete(*jax.tree_util.tree_leaves(target_grads)):
         _check_one_example(_models.last_layer(target_grads)[0], "attack_victims: target_grads")
     keys = _victims.victim_keys(key, n)
@@ -679,6 +693,8 @@ def attack_victims(
     args, axes = (keys, variables, target_grads), (0, 0 if per_victim_params else None, 0)
     if labels is not None:
         args, axes = args + (labels,), axes + (0,)
+    if features is not None:
+        args, axes = args + (features,), axes + (0,)
     res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack",
                                axis_name=config.victim_axis, workers=workers, pool=pool)
     out = {name: np.asarray(v) for name, v in res._asdict().items()}

@@ -203,6 +203,35 @@ def test_the_driver_names_victims_with_nan_or_inf_inputs(tiny):
                                tiny["grads"], SHAPE, labels, config=cfg, strategy="loop")
 
 
+def test_driver_passes_each_victim_its_feature(tiny):
+    """attack_victims(features=) = given_label(feature=) per victim, under the loop and under vmap."""
+    model, key = tiny["model"], jax.random.PRNGKey(5)
+    feats = jnp.stack([victims.feature(model.apply, tiny["take"](tiny["params"], i), tiny["x"][i]) for i in range(2)])
+    cfg = _few_steps(2, feature_weight=0.5)
+    run = lambda strategy, **kw: attacks.attack_victims("given_label", key, model.apply, tiny["params"], tiny["grads"],
+                                                        SHAPE, tiny["y"], config=cfg, strategy=strategy, **kw)
+    looped, vmapped = run("loop", features=feats), run("vmap", features=feats)
+    one = jax.jit(lambda k, p, g, y, h: attacks.given_label(k, model.apply, p, g, SHAPE, y, cfg, feature=h))
+    keys = victims.victim_keys(key, 2)
+    for i in range(2):
+        res = one(keys[i], tiny["take"](tiny["params"], i), tiny["take"](tiny["grads"], i), tiny["y"][i], feats[i])
+        np.testing.assert_array_equal(looped["reconstruction"][i], res.x)
+        np.testing.assert_allclose(vmapped["loss"][i], res.loss, rtol=1e-3)
+    # The feature term is in the objective: a wrong feature gives another loss from the same start.
+    wrong = run("loop", features=feats[::-1])
+    assert not np.allclose(wrong["loss_history"][:, 0], looped["loss_history"][:, 0])
+    with pytest.raises(ValueError, match="features= goes with labels="):
+        attacks.attack_victims("idlg", key, model.apply, tiny["params"], tiny["grads"], SHAPE, features=feats,
+                               config=cfg, strategy="loop")
+    with pytest.raises(ValueError, match="feature_weight > 0"):
+        attacks.attack_victims("given_label", key, model.apply, tiny["params"], tiny["grads"], SHAPE, tiny["y"],
+                               features=feats, config=_few_steps(2), strategy="loop")
+    with pytest.raises(ValueError, match=r"features must be \(2, 48\)"):
+        run("loop", features=feats[:, :10])
+    with pytest.raises(ValueError, match=r"victim\(s\) \[1\], in \['features'\]"):
+        run("loop", features=feats.at[1, 3].set(jnp.nan))
+
+
 def test_a_batch_gradient_is_refused_where_one_examples_is_needed(tiny):
     """The gradient of a batch of 2 (same shapes as one example's) has a rank-2 head kernel gradient."""
     model, key = tiny["model"], jax.random.PRNGKey(0)
