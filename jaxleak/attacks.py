@@ -592,18 +592,17 @@ def _check_victims_finite(target_grads: PyTree, labels: Optional[Array], feature
     under the driver's ``jit`` they see tracers, and one victim's NaN would otherwise come
     back as a NaN reconstruction. Reduced where the arrays live: only V flags reach the host.
     """
-    named = list(jax.tree_util.tree_flatten_with_path(target_grads)[0])
-    extra = {name: a for name, a in (("labels", labels), ("features", features)) if a is not None}
-    named += [((name,), a) for name, a in extra.items()]
+    named = [(_objectives.tensor_name(path), a) for path, a in jax.tree_util.tree_flatten_with_path(target_grads)[0]]
+    named += [(name, a) for name, a in (("labels", labels), ("features", features)) if a is not None]
     if not _is_concrete(*(a for _, a in named)):
         return
     bad_victims, bad_tensors = set(), []
-    for path, a in named:
+    for name, a in named:
         a = jnp.asarray(a)
         ok = np.asarray(jnp.isfinite(a.reshape(a.shape[0], -1)).all(axis=1))
         if not ok.all():
             bad_victims.update(np.flatnonzero(~ok).tolist())
-            bad_tensors.append(path[0] if path[0] in extra else _objectives.tensor_name(path))
+            bad_tensors.append(name)
     if bad_victims:
         shown = sorted(bad_victims)
         more = f" and {len(shown) - 10} more" if len(shown) > 10 else ""
