@@ -142,10 +142,16 @@ def plot(out: pathlib.Path, summary: dict, examples: dict) -> None:
         fig.tight_layout(), fig.savefig(out / "figure2.png", dpi=120), plt.close(fig)
 
 
-def protocol(dataset: str, seed: int, config: attacks.AttackConfig, name: str) -> dict:
-    """What a victim's result depends on: resuming a folder mixes results only if this is equal."""
-    return json.loads(json.dumps({"dataset": dataset, "seed": seed, "config": dataclasses.asdict(config) | {"name": name}},
-                                 default=str))
+def protocol(dataset: str, seed: int, config: attacks.AttackConfig, name: str, head: str = "dense") -> dict:
+    """What a victim's result depends on: resuming a folder mixes results only if this is equal.
+
+    ``head`` (resolved: ``"dense"`` or ``"blocked"``) is recorded only when it is ``"blocked"``: folders
+    written before the option existed used the dense head, and resume with ``--head dense``.
+    """
+    record = {"dataset": dataset, "seed": seed, "config": dataclasses.asdict(config) | {"name": name}}
+    if head != "dense":
+        record["head"] = head
+    return json.loads(json.dumps(record, default=str))
 
 
 def check_resume(saved: dict | None, current: dict, rows: list, out: pathlib.Path) -> dict:
@@ -182,6 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper",
                    help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps")
+    p.add_argument("--head", choices=models.HEADS, default="auto",
+                   help="LeNet's head: blocked (the logits summed in blocks for float32 accuracy, models.BlockedDense), "
+                        "dense (nn.Dense: the CPU records in docs/results were made with it) or auto (blocked on CPU)")
     p.add_argument("--steps", type=int, default=None, help="outer L-BFGS steps (default: the config's, 300 as in the paper)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
                         "256 on GPU); a chunk is the unit of resume")
@@ -201,6 +210,7 @@ def main(argv=None) -> int:
     # A chunk waits for its slowest victim (2,000 to 6,000 evaluations): with 16 the workers
     # of the processes strategy seldom stand idle at a chunk's end.
     chunk = args.chunk or (256 if backend != "cpu" else 16 if strategy == "processes" else 4)
+    head = models.head_layer(args.head)
     config = CONFIGS[args.config]
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
@@ -210,14 +220,14 @@ def main(argv=None) -> int:
     done = {r["victim"] for r in rows}
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": 0.0}
-    meta["protocol"] = check_resume(meta.get("protocol"), protocol(args.dataset, args.seed, config, args.config), rows, args.out)
+    meta["protocol"] = check_resume(meta.get("protocol"), protocol(args.dataset, args.seed, config, args.config, head), rows, args.out)
     if rows:  # a folder from before the protocol was recorded records it now, even if no chunk runs
         meta_path.write_text(json.dumps(meta))
     ex_path = args.out / "examples.npz"
     examples = dict(np.load(ex_path)) if ex_path.exists() else {"x": np.zeros((0,)), "dlg": np.zeros((0,)), "idlg": np.zeros((0,))}
 
     images, labels, classes = load_images(data_dir, args.dataset)
-    model = models.LeNet(classes)
+    model = models.LeNet(classes, head=head)
     template = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, *images.shape[1:]), jnp.float32))
     todo = [i for i in range(args.victims) if i not in done]
     start = time.time()
@@ -256,7 +266,8 @@ def main(argv=None) -> int:
 
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])
-    summary.update(config=dataclasses.asdict(config) | {"name": args.config}, backend=backend, strategy=strategy, seed=args.seed,
+    summary.update(config=dataclasses.asdict(config) | {"name": args.config}, head=head, backend=backend, strategy=strategy,
+                   seed=args.seed,
                    requested_victims=args.victims, complete=len(rows) >= args.victims)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot(args.out, summary, examples)

@@ -114,8 +114,10 @@ def test_victim_axis_equals_plain_vmap(tiny, config):
     named = jax.jit(named_fn)(*args)
     steps = sorted(int(s) for s in plain.steps)
     assert steps[0] <= 2 < steps[1], steps
+    # Two compiled programs: XLA may round a float32 sum differently in each (4e-6 relative seen in Adam's
+    # first loss with the blocked head's einsum under vmap), so equal up to a few float32 roundings.
     for field in ("x", "loss", "loss_history", "snapshots", "steps", "evals", "label"):
-        np.testing.assert_allclose(getattr(named, field), getattr(plain, field), rtol=1e-6, atol=1e-7, err_msg=field)
+        np.testing.assert_allclose(getattr(named, field), getattr(plain, field), rtol=2e-5, atol=1e-6, err_msg=field)
     if config.optimizer == "torch_lbfgs":  # (optax's line search has loops of its own)
         plain_fn = jax.vmap(lambda k, p, g: fn(k, p, g, cfg))
         assert _batched_while_predicates(jax.make_jaxpr(plain_fn)(*args).jaxpr) == 2

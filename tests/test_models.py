@@ -93,10 +93,48 @@ def test_patch_conv_equals_nn_conv(extract, strides, padding):
         models.PatchConv(4, (3, 3), extract="fft").init(jax.random.PRNGKey(0), x)
 
 
+@pytest.mark.parametrize("d,block", [(768, 32), (588, 32), (5, 32), (100, 7)])
+def test_blocked_matmul_is_within_its_error_bound(d, block):
+    """x @ kernel against float64, within the bound of a block sum then a pairwise sum (Higham 2002, §4.2):
+    (block - 1 + ceil(log2 n_blocks)) u sum_i |x_i w_ik|, u = 2^-24; batch axes kept, zero padding when block does not divide d."""
+    rng = np.random.default_rng(d)
+    x = rng.uniform(0, 1, (3, 2, d)).astype(np.float32)
+    w = rng.uniform(-0.5, 0.5, (d, 9)).astype(np.float32)
+    ours = np.asarray(models.blocked_matmul(jnp.asarray(x), jnp.asarray(w), block), np.float64)
+    chex.assert_shape(ours, (3, 2, 9))
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    n = -(-d // block)
+    bound = (block - 1 + math.ceil(math.log2(n)) + 1e-3) * 2.0**-24 * (np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)))
+    assert np.all(np.abs(ours - exact) <= bound)
+
+
+def test_blocked_matmul_keeps_what_a_running_sum_loses():
+    """1 followed by 767 terms of 2^-25: a running float32 sum rounds each away (1 + 2^-25 -> 1), losing 767 * 2^-25;
+    in blocks of 32 only the first block's 31 are lost, the other 23 blocks sum exactly to 2^-20 each."""
+    w = np.full((768, 1), 2.0**-25, np.float32)
+    w[0] = 1.0
+    ours = float(models.blocked_matmul(jnp.ones(768, jnp.float32), jnp.asarray(w))[0])
+    assert ours == 1.0 + 23 * 2.0**-20
+
+
+def test_blocked_head_lenet_has_dense_parameters():
+    """head="blocked" takes nn.Dense's parameters and computes the same logits; "auto" is it on the CPU."""
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    dense, blocked = jl.LeNet(100, head="dense"), jl.LeNet(100, head="blocked")
+    v = dense.init(jax.random.PRNGKey(0), x)
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(blocked.init(jax.random.PRNGKey(0), x))
+    np.testing.assert_allclose(blocked.apply(v, x), dense.apply(v, x), rtol=1e-5, atol=1e-5)
+    auto = jl.LeNet(100).apply(v, x)
+    np.testing.assert_array_equal(auto, (blocked if jax.default_backend() == "cpu" else dense).apply(v, x))
+    with pytest.raises(ValueError, match="head must be one of"):
+        jl.LeNet(10, head="sparse").init(jax.random.PRNGKey(0), x)
+
+
 @pytest.mark.parametrize(
     "name,kwargs,shape,d",
     [
         ("lenet", {"head_bias": False}, (32, 32, 3), 768),
+        ("lenet", {"head_bias": False, "head": "blocked"}, (32, 32, 3), 768),
         ("fcn4", {"widths": (64, 32, 16)}, (8, 8, 3), 16),
         ("resnet18", {"stem": "cifar"}, (16, 16, 3), 512),
         ("resnet18", {"stem": "imagenet"}, (32, 32, 3), 512),
