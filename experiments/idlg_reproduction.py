@@ -267,8 +267,7 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])
     summary.update(config=dataclasses.asdict(config) | {"name": args.config}, head=head, backend=backend, strategy=strategy,
-                   seed=args.seed,
-                   requested_victims=args.victims, complete=len(rows) >= args.victims)
+                   seed=args.seed, requested_victims=args.victims, complete=len(rows) >= args.victims)
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot(args.out, summary, examples)
     for method in ("dlg", "idlg"):

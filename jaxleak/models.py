@@ -137,7 +137,11 @@ def blocked_matmul(x: Array, kernel: Array, block: int = 32) -> Array:
 
 
 class BlockedDense(nn.Dense):
-    """``nn.Dense`` (same parameters) whose matrix product is :func:`blocked_matmul`."""
+    """``nn.Dense`` (same parameters) whose matrix product is :func:`blocked_matmul`.
+
+    ``nn.Dense``'s ``precision`` and ``dot_general`` are not used: the matmul
+    precision is ``jax.default_matmul_precision``'s (``AttackConfig.precision``).
+    """
 
     block: int = 32
 

@@ -133,7 +133,7 @@ def test_blocked_head_lenet_has_dense_parameters():
 @pytest.mark.parametrize(
     "name,kwargs,shape,d",
     [
-        ("lenet", {"head_bias": False}, (32, 32, 3), 768),
+        ("lenet", {"head_bias": False, "head": "dense"}, (32, 32, 3), 768),
         ("lenet", {"head_bias": False, "head": "blocked"}, (32, 32, 3), 768),
         ("fcn4", {"widths": (64, 32, 16)}, (8, 8, 3), 16),
         ("resnet18", {"stem": "cifar"}, (16, 16, 3), 512),
