@@ -35,6 +35,7 @@ optimiser.
     python experiments/bench_attack.py --victims 16 --strategies processes loop --torch-victims 0  # pinned workers
     python experiments/bench_attack.py --victims 64 --strategies vmap vmap-plain --torch-victims 0  # AttackConfig.victim_axis
     python experiments/bench_attack.py --victims 8 --convs xla slices --torch-victims 2       # LeNet's conv="auto"
+    OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 16 --strategies processes --heads dense blocked --torch-victims 8 --torch-workers 2  # LeNet's head="auto"
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ def main(argv=None) -> int:
                         "backend's default")
     p.add_argument("--convs", nargs="+", default=["auto"], choices=models.CONVS,
                    help="LeNet's convolution (models.LeNet conv=): auto (the backend's default), xla, patches, slices")
+    p.add_argument("--heads", nargs="+", default=["auto"], choices=models.HEADS,
+                   help="LeNet's head (models.LeNet head=): auto (the backend's default), dense, blocked")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),
                    help="jaxleak's optimiser: paper (PyTorch L-BFGS semantics, the reference's) and/or optax (best default)")
     p.add_argument("--steps", type=int, default=None,
@@ -260,12 +263,12 @@ def main(argv=None) -> int:
     rows, ratios = [], []
     for v in o.progress(args.victims, desc="bench attack", unit="V"):
         _, params, grads, x, y_int = make_victims(data_dir, v, args.seed)
-        for (name, config), conv in itertools.product(configs.items(), args.convs):
-            model = models.LeNet(100, conv=conv)  # the same parameters whatever the convolution
+        for (name, config), conv, head in itertools.product(configs.items(), args.convs, args.heads):
+            model = models.LeNet(100, conv=conv, head=head)  # the same parameters whatever the convolution and head
             flops = flops_per_evaluation(model, params, grads, x, y_int, config)
             for strategy in args.strategies:
                 s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
-                rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "steps": config.steps,
+                rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "head": head, "steps": config.steps,
                              **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
                 starts = rows[-1].pop("starts")
                 o.report(json.dumps({k: val for k, val in rows[-1].items() if k != "mse"}))
@@ -278,11 +281,11 @@ def main(argv=None) -> int:
             for jx in [r for r in rows if r["V"] == v and r["impl"] == "jaxleak"]:
                 ratio = (jx["successful_per_s"] / tr["successful_per_s"] if tr["successful_per_s"]
                          else float("inf") if jx["successful_per_s"] else float("nan"))
-                ratios.append({"V": v, "config": jx["config"], "conv": jx["conv"], "strategy": jx["strategy"],
+                ratios.append({"V": v, "config": jx["config"], "conv": jx["conv"], "head": jx["head"], "strategy": jx["strategy"],
                                "torch_workers": workers,
                                "per_evaluation_speedup": tr["ms_per_eval"] / jx["ms_per_eval"], "successful_per_s_ratio": ratio,
                                "paired": paired_outcomes(jx["mse"], tr["mse"]) if tr["start"] == "jaxleak" else None})
-                o.report(f"V={v} {jx['config']}/{jx['conv']}/{jx['strategy']}: jaxleak {jx['victims_per_s']:.3f} victims/s "
+                o.report(f"V={v} {jx['config']}/{jx['conv']}/{jx['head']}/{jx['strategy']}: jaxleak {jx['victims_per_s']:.3f} victims/s "
                          f"({jx['successful_per_s']:.3f} successful/s, {jx['successful']}/{v}, {jx['mean_evals']:.0f} evals, "
                          f"compile {jx['compile_s']:.1f}s) vs torch x{workers} {tr['victims_per_s']:.4f} victims/s "
                          f"({tr['successful_per_s']:.4f} successful/s, {tr['successful']}/{tr['victims']}, {tr['mean_evals']:.0f} evals); "
