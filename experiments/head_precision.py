@@ -43,13 +43,13 @@ def _rel(a, b) -> float:
 
 
 def _objective(model, params, x, y, dtype):
-    """The iDLG matching objective of this victim, computed in ``dtype`` (the target gradient too)."""
+    """The iDLG matching objective of this victim and its target gradient, both computed in ``dtype``."""
     p, xx, yy = _cast(params, dtype), x.astype(dtype), y.astype(dtype)
     target = victims.gradient(model.apply, p, xx, yy)
-    return attacks._objective(model.apply, p, target, attacks.PAPER, yy)
+    return attacks._objective(model.apply, p, target, attacks.PAPER, yy), target
 
 
-def _torch_gradient(params, x, label, point):
+def _torch_gradient(params, x, label, classes, point):
     """The PyTorch reference's float32 matching gradient at ``point`` (HWC), or None without torch."""
     try:
         import torch
@@ -57,13 +57,11 @@ def _torch_gradient(params, x, label, point):
         import torch_reference
     except ImportError:
         return None
-    net = torch_reference.from_flax(jax.tree_util.tree_map(np.asarray, params["params"]), x.shape[-1], params["params"]["head"]["kernel"].shape[1])
-    ps = list(net.parameters())
+    net = torch_reference.from_flax(jax.tree_util.tree_map(np.asarray, params["params"]), x.shape[-1], classes)
     nchw = lambda a: torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(2, 0, 1)))[None]
-    target = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(nchw(x)), torch.tensor([label])), ps)]
+    target = torch_reference.target_gradient(net, nchw(x), label)
     d = nchw(point).requires_grad_(True)
-    grads = torch.autograd.grad(F.cross_entropy(net(d), torch.tensor([label])), ps, create_graph=True)
-    sum(((a - b) ** 2).sum() for a, b in zip(grads, target)).backward()
+    torch_reference.gradient_distance(net, target, d, lambda out: F.cross_entropy(out, torch.tensor([label]))).backward()
     return d.grad[0].permute(1, 2, 0).numpy()
 
 
@@ -77,22 +75,23 @@ def probe(i: int, images, labels, classes: int) -> dict:
     template = heads["dense"].init(jax.random.PRNGKey(0), x[None])
     params = {"params": models.init_uniform(template["params"], jax.random.fold_in(jax.random.fold_in(key, 0), i))}
     start = jax.random.fold_in(jax.random.fold_in(key, 2), i)  # the reproduction's iDLG key of victim i
-    out = {"victim": i}
+    out, objectives, ends = {"victim": i}, {}, {}
     for name, model in heads.items():
-        target = victims.gradient(model.apply, params, x, y)
+        objectives[name], target = _objective(model, params, x, y, jnp.float32)
         res = jax.jit(lambda k: attacks.idlg(k, model.apply, params, target, x.shape, config=attacks.PAPER))(start)
         out[name] = {"mse": float(jnp.mean((res.x - x) ** 2)), "loss": float(res.loss), "steps": int(res.steps),
                      "evals": int(res.evals)}
-        if name == "dense":
-            point = np.asarray(res.x)
+        ends[name] = np.asarray(res.x)
+    point = ends["dense"]
     with jax.enable_x64(True):
-        reference = jax.grad(lambda a: _objective(heads["dense"], params, x, y, jnp.float64)({"x": a}))(jnp.asarray(point, jnp.float64))
+        objective64 = _objective(heads["dense"], params, x, y, jnp.float64)[0]
+        reference = jax.grad(lambda a: objective64({"x": a}))(jnp.asarray(point, jnp.float64))
         logits64 = heads["dense"].apply(_cast(params, jnp.float64), jnp.asarray(point, jnp.float64)[None])[0]
         for name, model in heads.items():
-            g32 = jax.grad(lambda a: _objective(model, params, x, y, jnp.float32)({"x": a}))(jnp.asarray(point))
+            g32 = jax.grad(lambda a: objectives[name]({"x": a}))(jnp.asarray(point))
             out[name]["gradient_error_at_stall"] = _rel(g32, reference)
             out[name]["logit_error_at_stall"] = float(jnp.max(jnp.abs(model.apply(params, jnp.asarray(point)[None])[0] - logits64)))
-        tg = _torch_gradient(params, np.asarray(x), label, point)
+        tg = _torch_gradient(params, np.asarray(x), label, classes, point)
         out["torch_gradient_error_at_stall"] = None if tg is None else _rel(tg, reference)
     return out
 

@@ -50,6 +50,17 @@ def from_flax(params: dict, channels: int, num_classes: int) -> TorchLeNet:
     return net
 
 
+def target_gradient(net: TorchLeNet, x_nchw: torch.Tensor, label: int) -> list:
+    """The shared gradient of one example: ``grad_theta CE(net(x), label)``, detached, one tensor per parameter."""
+    return [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(x_nchw), torch.tensor([label])), list(net.parameters()))]
+
+
+def gradient_distance(net: TorchLeNet, target: list, dummy: torch.Tensor, dummy_loss) -> torch.Tensor:
+    """The DLG objective ``sum_l |grad_theta dummy_loss(net(dummy)) - target_l|^2``, differentiable in ``dummy``."""
+    grads = torch.autograd.grad(dummy_loss(net(dummy)), list(net.parameters()), create_graph=True)
+    return sum(((a - b) ** 2).sum() for a, b in zip(grads, target))
+
+
 def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: int = 0, iterations: int = 300,
            check_every: int = 10, x0: np.ndarray | None = None) -> dict:
     """One DLG or iDLG run on one victim; returns the final MSE, the label, steps, evaluations and seconds.
@@ -59,9 +70,7 @@ def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: in
     """
     torch.manual_seed(seed)
     gt = torch.from_numpy(np.ascontiguousarray(x_hwc.transpose(2, 0, 1)))[None].float()
-    params = list(net.parameters())
-    target = torch.autograd.grad(F.cross_entropy(net(gt), torch.tensor([label])), params)
-    target = [g.detach() for g in target]
+    target = target_gradient(net, gt, label)
     num_classes = net.fc.out_features
     dummy = torch.randn(gt.shape)  # drawn even when x0 is given, so DLG's label logits below stay the same draw
     if x0 is not None:
@@ -71,19 +80,15 @@ def attack(net: TorchLeNet, x_hwc: np.ndarray, label: int, method: str, seed: in
     if method == "dlg":
         logits = torch.randn((1, num_classes)).requires_grad_(True)
         opt = torch.optim.LBFGS([dummy, logits], lr=1)
+        dummy_loss = lambda out: torch.mean(torch.sum(-F.softmax(logits, -1) * F.log_softmax(out, -1), -1))
     else:
         pred_label = torch.argmin(torch.sum(target[-2], dim=-1)).reshape(1)
         opt = torch.optim.LBFGS([dummy], lr=1)
+        dummy_loss = lambda out: F.cross_entropy(out, pred_label)
 
     def closure():
         opt.zero_grad()
-        out = net(dummy)
-        if method == "dlg":
-            loss = torch.mean(torch.sum(-F.softmax(logits, -1) * F.log_softmax(out, -1), -1))
-        else:
-            loss = F.cross_entropy(out, pred_label)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        diff = sum(((a - b) ** 2).sum() for a, b in zip(grads, target))
+        diff = gradient_distance(net, target, dummy, dummy_loss)
         diff.backward()
         evals[0] += 1
         return diff
