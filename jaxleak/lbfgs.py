@@ -31,7 +31,11 @@ The history is a ring buffer of ``history_size`` slots. The direction
 - ``"compact"``: the same ``H`` in the compact representation of Byrd,
   Nocedal & Schnabel (1994, Theorem 2.2), with the Gram matrices ``S^T Y`` and
   ``Y^T Y`` kept up to date in the state: a few batched matrix products and two
-  ``m x m`` triangular solves, no loop.
+  ``m x m`` triangular solves, no loop. Four passes over the ``(m, n)`` history
+  per iteration (``S^T g``, ``Y^T g`` and the two products back); the new pair's
+  Gram entries come from ``S^T g`` and ``Y^T g`` at this and the previous
+  gradient (``y = g - g_prev``), not from three more passes (CIFAR-100 LeNet
+  iDLG, one core: 0.80-0.81 against 0.86-0.87 ms per evaluation).
 - ``"auto"`` (default): ``"compact"``. On a GPU every step of the two-loop
   recursion is a kernel launch and a device-to-host sync of the loop predicate;
   on the 2-core CPU, with a full history of 100 pairs and n = 3,072, the
@@ -89,7 +93,9 @@ class TorchLBFGSState(NamedTuple):
 
     Shapes: ``x, d, prev_grad`` ``(n,)``; ``s_hist, y_hist`` ``(m, n)``;
     ``rho`` ``(m,)``; ``sy[i, j] = s_i . y_j`` and ``yy[i, j] = y_i . y_j``
-    ``(m, m)`` over ring slots (used by the compact direction); the rest
+    ``(m, m)`` over ring slots (used by the compact direction; ``sy`` only where
+    ``s_i`` is not newer than ``y_j``, the part it reads), and ``sg = S prev_grad``,
+    ``yg = Y prev_grad`` ``(m,)`` from the last compact direction; the rest
     scalars. ``head`` is the next ring slot, ``count`` the number of stored pairs.
     """
 
@@ -103,6 +109,8 @@ class TorchLBFGSState(NamedTuple):
     rho: Array
     sy: Array
     yy: Array
+    sg: Array
+    yg: Array
     head: Array
     count: Array
     h_diag: Array
@@ -135,6 +143,8 @@ def init(x0: Array, config: TorchLBFGSConfig = TorchLBFGSConfig()) -> TorchLBFGS
         rho=jnp.zeros((m,), dt),
         sy=jnp.zeros((m, m), dt),
         yy=jnp.zeros((m, m), dt),
+        sg=jnp.zeros((m,), dt),
+        yg=jnp.zeros((m,), dt),
         head=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
         h_diag=jnp.ones((), dt),
@@ -169,7 +179,7 @@ def two_loop(grad: Array, s_hist: Array, y_hist: Array, rho: Array, head: Array,
 
 
 def compact_direction(grad: Array, s_hist: Array, y_hist: Array, sy: Array, yy: Array, head: Array, count: Array,
-                      h_diag: Array) -> Array:
+                      h_diag: Array, sg: Optional[Array] = None, yg: Optional[Array] = None) -> Array:
     """The L-BFGS direction ``-H g`` from the compact representation (Byrd, Nocedal, Schnabel 1994, Thm 2.2).
 
     With the ``k = count`` pairs in chronological order as columns of ``S`` and
@@ -178,8 +188,10 @@ def compact_direction(grad: Array, s_hist: Array, y_hist: Array, sy: Array, yy: 
         H = gamma I + [S  gamma Y] [[R^-T (D + gamma Y^T Y) R^-1, -R^-T], [-R^-1, 0]] [S^T; gamma Y^T]
 
     — the same matrix the two-loop recursion applies. ``sy`` and ``yy`` are the
-    Gram matrices over ring slots; the ring is put in chronological order by
-    permuting these ``m x m`` matrices, never the ``(m, n)`` history.
+    Gram matrices over ring slots (of ``sy`` only the entries with ``s_i`` not
+    newer than ``y_j`` are read); the ring is put in chronological order by
+    permuting these ``m x m`` matrices, never the ``(m, n)`` history. ``sg``,
+    ``yg``: ``s_hist @ grad`` and ``y_hist @ grad`` if the caller has them.
     """
     m = s_hist.shape[0]
     order = (head - count + jnp.arange(m)) % m  # chronological position j -> ring slot
@@ -189,8 +201,10 @@ def compact_direction(grad: Array, s_hist: Array, y_hist: Array, sy: Array, yy: 
     yy_o = jnp.where(both, yy[order][:, order], 0.0)
     r = jnp.where(both, jnp.triu(sy_o), jnp.eye(m, dtype=sy.dtype))
     dg = jnp.where(valid, jnp.diagonal(sy_o), 0.0)
-    a = jnp.where(valid, (s_hist @ grad)[order], 0.0)
-    b = jnp.where(valid, (y_hist @ grad)[order], 0.0)
+    sg = s_hist @ grad if sg is None else sg
+    yg = y_hist @ grad if yg is None else yg
+    a = jnp.where(valid, sg[order], 0.0)
+    b = jnp.where(valid, yg[order], 0.0)
     u = jax.scipy.linalg.solve_triangular(r, a, lower=False)  # R^-1 S^T g
     w = dg * u + h_diag * (yy_o @ u) - h_diag * b
     top = jax.scipy.linalg.solve_triangular(r, w, lower=False, trans="T")
@@ -284,21 +298,28 @@ def update(
         s_hist = c["s_hist"].at[head].set(jnp.where(push, s, c["s_hist"][head]))
         y_hist = c["y_hist"].at[head].set(jnp.where(push, y, c["y_hist"][head]))
         rho = c["rho"].at[head].set(jnp.where(push, 1.0 / jnp.where(push, ys, 1.0), c["rho"][head]))
-        gram_sy, gram_yy = c["sy"], c["yy"]
-        if compact:  # the new slot's row and column of S^T Y and Y^T Y
-            sy_row, sy_col, yy_col = y_hist @ s_hist[head], s_hist @ y_hist[head], y_hist @ y_hist[head]
-            gram_sy = jnp.where(push, gram_sy.at[head, :].set(sy_row).at[:, head].set(sy_col), gram_sy)
+        gram_sy, gram_yy, sg, yg = c["sy"], c["yy"], c["sg"], c["yg"]
+        yy = jnp.vdot(y, y)
+        if compact:
+            # S^T g and Y^T g with the new pair in: the direction's two passes over the history. The new
+            # slot's column of S^T Y and Y^T Y then needs none: s_i . y = s_i . g - s_i . g_prev (and
+            # y_i alike), the last direction's S^T g_prev from the carry; its own entries are ys and yy.
+            # Its row of S^T Y (s . y_j, y_j older) is never read (compact_direction reads R = triu).
+            sg, yg = s_hist @ g, y_hist @ g
+            slot = jnp.arange(m) == head
+            sy_col = jnp.where(slot, ys, sg - c["sg"])
+            yy_col = jnp.where(slot, yy, yg - c["yg"])
+            gram_sy = jnp.where(push, gram_sy.at[:, head].set(sy_col), gram_sy)
             gram_yy = jnp.where(push, gram_yy.at[head, :].set(yy_col).at[:, head].set(yy_col), gram_yy)
         head = jnp.where(push, (head + 1) % m, head)
         count = jnp.where(push, jnp.minimum(c["count"] + 1, m), c["count"])
-        yy = jnp.vdot(y, y)
         h_diag = jnp.where(push, ys / jnp.where(push, yy, 1.0), c["h_diag"])
         # The very first iteration of the optimiser's life restarts the history (PyTorch does too).
         count = jnp.where(first, 0, count)
         head = jnp.where(first, 0, head)
         h_diag = jnp.where(first, jnp.ones_like(h_diag), h_diag)
         if compact:
-            d = jnp.where(first, -g, compact_direction(g, s_hist, y_hist, gram_sy, gram_yy, head, count, h_diag))
+            d = jnp.where(first, -g, compact_direction(g, s_hist, y_hist, gram_sy, gram_yy, head, count, h_diag, sg, yg))
         else:
             d = jnp.where(first, -g, two_loop(g, s_hist, y_hist, rho, head, count, h_diag))
         prev_grad, prev_loss = g, c["loss"]
@@ -321,25 +342,19 @@ def update(
         )
         new = dict(
             k=k, n_iter=n_iter, x=x, g=g_new, loss=loss, d=d, t=t, prev_grad=prev_grad, prev_loss=prev_loss,
-            head=head, count=count, h_diag=h_diag, evals=evals, stop=stop,
+            head=head, count=count, h_diag=h_diag, evals=evals, stop=stop, sg=sg, yg=yg,
         )
         # A finished victim keeps its carry: the small entries by a select, the history (written
         # only where push, which includes live) as it is.
         new = {key: jnp.where(live, v, c[key]) for key, v in new.items()}
         return dict(new, s_hist=s_hist, y_hist=y_hist, rho=rho, sy=gram_sy, yy=gram_yy)
 
-    carry = dict(
-        k=jnp.zeros((), jnp.int32), n_iter=state.n_iter, x=state.x, g=grad, loss=value, d=state.d, t=state.t,
-        prev_grad=state.prev_grad, prev_loss=state.prev_loss, s_hist=state.s_hist, y_hist=state.y_hist,
-        rho=state.rho, sy=state.sy, yy=state.yy, head=state.head, count=state.count, h_diag=state.h_diag,
-        evals=jnp.ones((), jnp.int32), stop=first_opt | ~active,
-    )
+    carry = dict(state._asdict(), k=jnp.zeros((), jnp.int32), g=grad, loss=value, evals=jnp.ones((), jnp.int32),
+                 stop=first_opt | ~active)
+    del carry["func_evals"]
     c = lax.while_loop(cond, body, carry)
-    new = TorchLBFGSState(
-        x=c["x"], d=c["d"], t=c["t"], prev_grad=c["prev_grad"], prev_loss=c["prev_loss"], s_hist=c["s_hist"],
-        y_hist=c["y_hist"], rho=c["rho"], sy=c["sy"], yy=c["yy"], head=c["head"], count=c["count"], h_diag=c["h_diag"],
-        n_iter=c["n_iter"], func_evals=state.func_evals + jnp.where(active, c["evals"], 0),
-    )
+    new = TorchLBFGSState(**{f: c[f] for f in TorchLBFGSState._fields if f != "func_evals"},
+                          func_evals=state.func_evals + jnp.where(active, c["evals"], 0))
     return new, loss0
 
 
