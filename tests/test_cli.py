@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -189,6 +190,18 @@ def test_bench_attack_json(npz_env, tmp_path, capsys):
     assert [(r["impl"], r["strategy"], r["victims"]) for r in res["rows"]] == [("jaxleak", "vmap", 2), ("jaxleak", "vmap-plain", 2)]
     rows = json.loads((tmp_path / "b.json").read_text())  # with the per-victim MSE
     assert rows[0]["mse"] == rows[1]["mse"]  # AttackConfig.victim_axis changes the loops' masking, not the result
+
+
+def test_bench_attack_processes_warm_and_cold(npz_env, tmp_path, capsys):
+    # "processes" starts its pool and compiles before the clock (a warm-up victim per worker, timed as
+    # compile_s), "processes-cold" inside it; the same victims give the same results either way.
+    res, _ = _run_json(capsys, "bench", "attack", "--victims", "3", "--torch-victims", "0", "--steps", "2",
+                       "--strategies", "processes", "processes-cold", "--json", "--quiet", "--out", str(tmp_path / "b.json"))
+    warm, cold = res["rows"]
+    assert (warm["strategy"], cold["strategy"], warm["victims"]) == ("processes", "processes-cold", 3)
+    rows = json.loads((tmp_path / "b.json").read_text())
+    assert warm["compile_s"] > 0 and math.isnan(rows[1]["compile_s"])
+    assert rows[0]["mse"] == rows[1]["mse"] and rows[0]["mean_evals"] == rows[1]["mean_evals"]
 
 
 def test_bench_attack_torch_workers(npz_env, capsys):
