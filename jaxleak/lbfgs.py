@@ -194,21 +194,23 @@ def compact_direction(grad: Array, s_hist: Array, y_hist: Array, sy: Array, yy: 
     ``yg``: ``s_hist @ grad`` and ``y_hist @ grad`` if the caller has them.
     """
     m = s_hist.shape[0]
-    order = (head - count + jnp.arange(m)) % m  # chronological position j -> ring slot
+    # Chronological position j is ring slot (shift + j) % m: a cyclic shift (contiguous slices), not a gather.
+    shift = (head - count) % m
+    order = lambda c, axis=0: jnp.roll(c, -shift, axis)
     valid = jnp.arange(m) < count
     both = valid[:, None] & valid[None, :]
-    sy_o = sy[order][:, order]
-    yy_o = jnp.where(both, yy[order][:, order], 0.0)
+    sy_o = order(order(sy), 1)
+    yy_o = jnp.where(both, order(order(yy), 1), 0.0)
     r = jnp.where(both, jnp.triu(sy_o), jnp.eye(m, dtype=sy.dtype))
     dg = jnp.where(valid, jnp.diagonal(sy_o), 0.0)
     sg = s_hist @ grad if sg is None else sg
     yg = y_hist @ grad if yg is None else yg
-    a = jnp.where(valid, sg[order], 0.0)
-    b = jnp.where(valid, yg[order], 0.0)
+    a = jnp.where(valid, order(sg), 0.0)
+    b = jnp.where(valid, order(yg), 0.0)
     u = jax.scipy.linalg.solve_triangular(r, a, lower=False)  # R^-1 S^T g
     w = dg * u + h_diag * (yy_o @ u) - h_diag * b
     top = jax.scipy.linalg.solve_triangular(r, w, lower=False, trans="T")
-    unorder = lambda c: jnp.zeros_like(c).at[order].set(c)
+    unorder = lambda c: jnp.roll(c, shift)
     hg = h_diag * grad + unorder(top) @ s_hist - h_diag * (unorder(u) @ y_hist)
     return -hg
 
