@@ -34,7 +34,7 @@ optimiser.
     python experiments/bench_attack.py --victims 8 --strategies loop vmap --torch-victims 0   # driver default
     python experiments/bench_attack.py --victims 16 --strategies processes loop --torch-victims 0  # pinned workers
     python experiments/bench_attack.py --victims 64 --strategies vmap vmap-plain --torch-victims 0  # AttackConfig.victim_axis
-    python experiments/bench_attack.py --victims 8 --convs xla slices --torch-victims 2       # LeNet's conv="auto"
+    python experiments/bench_attack.py --victims 8 --convs xla slices s2d --torch-victims 2   # LeNet's conv="auto"
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 16 --strategies processes --heads dense blocked --torch-victims 8 --torch-workers 2  # LeNet's head="auto"
 """
 
@@ -239,7 +239,7 @@ def main(argv=None) -> int:
                         "reference's workers are started; compile_s is that warm-up), processes-cold (the same with "
                         "startup and compilation inside the timed run), or the backend's default")
     p.add_argument("--convs", nargs="+", default=["auto"], choices=models.CONVS,
-                   help="LeNet's convolution (models.LeNet conv=): auto (the backend's default), xla, patches, slices")
+                   help="LeNet's convolution (models.LeNet conv=): auto (the backend's default), xla, patches, slices, s2d")
     p.add_argument("--heads", nargs="+", default=["auto"], choices=models.HEADS,
                    help="LeNet's head (models.LeNet head=): auto (the backend's default), dense, blocked")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),

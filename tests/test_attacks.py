@@ -260,7 +260,7 @@ def test_a_batch_gradient_is_refused_where_one_examples_is_needed(tiny):
         attacks.attack_victims("idlg", key, model.apply, tiny["params"], zero, SHAPE, config=cfg, strategy="loop")
 
 
-@pytest.mark.parametrize("conv", ["patches", "slices"])
+@pytest.mark.parametrize("conv", ["patches", "slices", "s2d"])
 def test_fast_code_paths_agree_with_pytorch_order_ones(tiny, conv):
     """What "auto" picks (compact L-BFGS direction, patch convolutions) gives the attack that
     nn.Conv and PyTorch's two-loop recursion give."""

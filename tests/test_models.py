@@ -56,9 +56,9 @@ def test_lenet_forward_equals_independent_nchw_computation():
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("conv", ["patches", "slices"])
+@pytest.mark.parametrize("conv", ["patches", "slices", "s2d"])
 def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order(conv):
-    """conv="patches"/"slices" compute the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
+    """conv="patches"/"slices"/"s2d" compute the same function as nn.Conv, and the same gradient-of-gradient (float64)."""
     with jax.enable_x64(True):
         x = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), jnp.float64)  # d = 48: small, same code path
         xla, patches = jl.LeNet(10, conv="xla"), jl.LeNet(10, conv=conv)
@@ -78,8 +78,9 @@ def test_patch_conv_lenet_equals_xla_conv_lenet_to_second_order(conv):
         jl.LeNet(10, conv="fft").init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
 
 
-@pytest.mark.parametrize("extract", ["conv", "slices"])
-@pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 3), "VALID"), ((2, 2), ((1, 2), (0, 1)))])
+@pytest.mark.parametrize("extract", ["conv", "slices", "s2d"])
+@pytest.mark.parametrize("strides,padding", [((1, 1), "SAME"), ((2, 3), "VALID"), ((2, 2), ((1, 2), (0, 1))),
+                                             ((3, 2), ((2, 0), (1, 1)))])
 def test_patch_conv_equals_nn_conv(extract, strides, padding):
     """PatchConv = nn.Conv with the same parameters, for string and explicit padding, uneven strides and sizes."""
     with jax.enable_x64(True):
