@@ -7,7 +7,9 @@
 #   3. bench_attack at V = 1,024 (GPU_V_LARGE) (the goal: <= 30 s on one H100), with the fraction of peak FLOP/s;
 #   4. the iDLG reproduction on LFW (5,749 classes), 1,000 victims, for GPU_LFW_S seconds (default 120);
 #   5. the iDLG reproduction on CIFAR-100 for GPU_CIFAR_S seconds, only when set: its 1,000 victims
-#      ran on the CPU (docs/results/idlg_cifar100_cpu), LFW's would take ~9 h there.
+#      ran on the CPU (docs/results/idlg_cifar100_cpu), LFW's would take ~9 h there;
+#   6. only when GPU_VARIANTS_S is set: bench_attack at V = 64 over LeNet's heads (dense, blocked) and
+#      convolutions (patches, s2d), the CPU defaults' variants, which no GPU has measured yet.
 #
 # The device machine has JAX with CUDA, flax, optax and chex but not dm-pix, and it cannot read
 # ../shared/data. Prepare once here, in the repository root (neither is committed: both are ignored
@@ -50,6 +52,10 @@ step bench_small "${GPU_BENCH_SMALL_S:-150}" python3 experiments/bench_attack.py
     --torch-victims 0 $STEPS --out "$OUT/bench_small.json"
 step bench_large "${GPU_BENCH_LARGE_S:-200}" python3 experiments/bench_attack.py --victims "$V_LARGE" --strategies vmap \
     --torch-victims 0 $STEPS --out "$OUT/bench_large.json"
+if [ "${GPU_VARIANTS_S:-0}" -gt 0 ]; then
+    step bench_variants "$GPU_VARIANTS_S" python3 experiments/bench_attack.py --victims "$V_SMALL" --strategies vmap \
+        --heads dense blocked --convs patches s2d --torch-victims 0 $STEPS --out "$OUT/bench_variants.json"
+fi
 for ds in lfw cifar100; do
     if [ "$ds" = cifar100 ]; then limit=${GPU_CIFAR_S:-0} chunk=${GPU_CIFAR_CHUNK:-256}; else limit=${GPU_LFW_S:-120} chunk=${GPU_LFW_CHUNK:-64}; fi
     [ "$limit" -gt 0 ] || continue
