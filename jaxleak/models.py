@@ -109,14 +109,24 @@ class PatchConv(nn.Module):
         return patches @ w + bias
 
 
-def _slice_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], padding: Any) -> Array:
-    """``(N, H', W', kh * kw * C)``: the ``kh * kw`` strided windows of NHWC ``x``, features ordered (kh, kw, C)."""
-    (kh, kw), (sh, sw) = window, strides
+def _padded(x: Array, window: tuple[int, int], strides: tuple[int, int], padding: Any) -> tuple[Array, int, int]:
+    """NHWC ``x`` padded as ``nn.Conv`` pads it (a padding name or explicit pairs), and the output size ``H', W'``."""
     pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
     xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    return xp, (xp.shape[1] - window[0]) // strides[0] + 1, (xp.shape[2] - window[1]) // strides[1] + 1
+
+
+def _windows(xp: Array, window: tuple[int, int], strides: tuple[int, int], ho: int, wo: int) -> Array:
+    """``(N, H', W', kh * kw * C)``: the ``kh * kw`` strided windows of padded ``xp``, features ordered (kh, kw, C)."""
+    (kh, kw), (sh, sw) = window, strides
     cols = [xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] for i in range(kh) for j in range(kw)]
     return jnp.concatenate(cols, axis=-1)
+
+
+def _slice_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], padding: Any) -> Array:
+    """``(N, H', W', kh * kw * C)``: the ``kh * kw`` strided windows of NHWC ``x``, features ordered (kh, kw, C)."""
+    xp, ho, wo = _padded(x, window, strides, padding)
+    return _windows(xp, window, strides, ho, wo)
 
 
 def _s2d_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], padding: Any) -> Array:
@@ -129,16 +139,14 @@ def _s2d_patches(x: Array, window: tuple[int, int], strides: tuple[int, int], pa
     pixel ``(s a + di, s b + dj)`` of the window, as :func:`_s2d_kernel` orders the kernel.
     """
     (kh, kw), (sh, sw) = window, strides
-    pads = jax.lax.padtype_to_pads(x.shape[1:3], window, strides, padding) if isinstance(padding, str) else padding
-    xp = jnp.pad(x, ((0, 0), tuple(pads[0]), tuple(pads[1]), (0, 0)))
-    ho, wo = (xp.shape[1] - kh) // sh + 1, (xp.shape[2] - kw) // sw + 1
+    xp, ho, wo = _padded(x, window, strides, padding)
     ah, aw = -(-kh // sh), -(-kw // sw)
     h2, w2 = ho + ah - 1, wo + aw - 1  # blocks needed per axis
     extra = [(0, max(0, h2 * sh - xp.shape[1])), (0, max(0, w2 * sw - xp.shape[2]))]  # read only by zero taps
     xp = jnp.pad(xp, ((0, 0), *extra, (0, 0)))[:, :h2 * sh, :w2 * sw]
     n, c = xp.shape[0], xp.shape[-1]
     blocks = xp.reshape(n, h2, sh, w2, sw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h2, w2, sh * sw * c)
-    return jnp.concatenate([blocks[:, a:a + ho, b:b + wo] for a in range(ah) for b in range(aw)], axis=-1)
+    return _windows(blocks, (ah, aw), (1, 1), ho, wo)
 
 
 def _s2d_kernel(kernel: Array, strides: tuple[int, int]) -> Array:
