@@ -258,6 +258,31 @@ def test_head_precision_blocked_head_cuts_the_gradient_noise(npz_env, monkeypatc
     assert row["blocked"]["logit_error_at_stall"] < row["dense"]["logit_error_at_stall"]
 
 
+def test_profile_attack_attributes_kernels_by_op_name(monkeypatch):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import profile_attack
+
+    inner = "jit(<lambda>)/while/body/while/body/"
+    assert profile_attack.category(inner + "cond/branch_1_fun/jvp(transpose(jvp(LeNet)))/conv1/transpose") == "objective"
+    assert profile_attack.category("jit(<lambda>)/while/body/jvp(LeNet)/conv2/dot_general") == "objective"
+    assert profile_attack.category(inner + "jit(_roll_dynamic)/concatenate") == "lbfgs"
+    assert profile_attack.category("jit(<lambda>)/while/body/jit(_where)/select_n") == "outer"
+    assert profile_attack.category("") == "unattributed"
+
+
+@pytest.mark.slow
+def test_profile_attack_runs(npz_env, monkeypatch, capsys):
+    pytest.importorskip("xprof", reason="the optional 'profile' extra (xprof) is not installed")
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import profile_attack
+
+    assert profile_attack.main(["--steps", "2", "--reps", "1", "--top", "3", "--json", "--quiet"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["evals"] > 2 and len(res["kernels"]) == 3
+    assert abs(sum(c["share"] for c in res["categories"].values()) - 1) < 1e-9
+    assert max(res["categories"], key=lambda c: res["categories"][c]["share"]) == "objective"
+
+
 def test_script_data_default_honours_jaxleak_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("JAXLEAK_DATA", str(tmp_path / "nodata"))
     code, _, err = _run(capsys, "reproduce", "idlg", "--dataset", "mnist", "--out", str(tmp_path / "o"))
