@@ -112,16 +112,16 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     if strategy in ("processes", "processes-cold"):  # one pinned single-device worker per core (attack_victims' "processes")
         run = lambda k, p, g, pool: attacks.attack_victims("idlg", k, model.apply, p, g, (32, 32, 3), config=config,
                                                            strategy="processes", pool=pool)
-        with processes.WorkerPool() as pool:
+        # One worker per core, at most one per victim (as attack_victims sizes its own pool).
+        with processes.WorkerPool(min(len(processes.available_cores()), n)) as pool:
             compile_s = float("nan")
             if strategy == "processes":
                 # As the reference's workers are started and past their imports before its clock starts, the
                 # pool is started and has compiled the attack before this clock: a warm-up on the first victims,
                 # one per worker (run again below), timed apart as compile_s (startup, compile and that victim).
-                w = min(pool.workers, n)
-                first = lambda t: jax.tree_util.tree_map(lambda a: a[:w], t)
+                first = lambda t: jax.tree_util.tree_map(lambda a: a[:pool.workers], t)
                 t = time.time()
-                run(keys[:w], first(params), first(grads), pool)
+                run(keys[:pool.workers], first(params), first(grads), pool)
                 compile_s = time.time() - t
             t = time.time()  # processes-cold: startup and each worker's compilation inside the timed run
             res = run(keys, params, grads, pool)

@@ -63,16 +63,16 @@ def kernel_times(trace_dir: str) -> collections.Counter:
     return times
 
 
-def profile(conv: str, head: str, steps: int, reps: int, data: pathlib.Path, victim: int = 0) -> dict:
-    _, params, grads, _, _ = make_victims(data, victim + 1, 0)
-    take = lambda t: jax.tree_util.tree_map(lambda a: a[victim], t)
-    key = jax.random.split(jax.random.PRNGKey(1), victim + 1)[victim]
+def profile(conv: str, head: str, steps: int, reps: int, data: pathlib.Path) -> dict:
+    """Traces ``reps`` runs of victim 0's ``steps``-step iDLG attack; kernel time per evaluation, by category and kernel."""
+    _, params, grads, _, _ = make_victims(data, 1, 0)
+    first = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)
+    args = (jax.random.split(jax.random.PRNGKey(1), 1)[0], first(params), first(grads))  # bench_attack's victim 0
     model = models.LeNet(100, conv=conv, head=head)
     config = attacks.AttackConfig(steps=steps)
-    args = (key, take(params), take(grads))
     compiled = jax.jit(lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)).lower(*args).compile()
     evals = int(jax.block_until_ready(compiled(*args)).evals)
-    instructions = {m.group(1): (m.group(2), m.group(3)) for m in _INSTRUCTION.finditer(compiled.as_text())}
+    hlo = {m.group(1): (m.group(2), m.group(3)) for m in _INSTRUCTION.finditer(compiled.as_text())}
     with tempfile.TemporaryDirectory() as trace_dir:
         jax.profiler.start_trace(trace_dir)
         for _ in range(reps):
@@ -81,15 +81,14 @@ def profile(conv: str, head: str, steps: int, reps: int, data: pathlib.Path, vic
         jax.profiler.stop_trace()
         times = kernel_times(trace_dir)
     per_eval = lambda us: us / reps / evals
-    shares = collections.Counter()
-    for name, us in times.items():
-        shares[category(instructions.get(name, ("", ""))[1])] += us
+    kernels, shares = [], collections.Counter()
+    for name, us in times.most_common():
+        shape, op_name = hlo.get(name, ("", ""))
+        kernels.append({"kernel": name, "us_per_eval": per_eval(us), "shape": shape, "category": category(op_name),
+                        "op_name": op_name})
+        shares[kernels[-1]["category"]] += us
     total = sum(shares.values())
-    kernels = [{"kernel": name, "us_per_eval": per_eval(us), "shape": instructions.get(name, ("", ""))[0],
-                "category": category(instructions.get(name, ("", ""))[1]), "op_name": instructions.get(name, ("", ""))[1]}
-               for name, us in times.most_common()]
-    return {"conv": conv, "head": head, "steps": steps, "evals": evals, "reps": reps,
-            "us_per_eval": per_eval(total),
+    return {"conv": conv, "head": head, "steps": steps, "evals": evals, "reps": reps, "us_per_eval": per_eval(total),
             "categories": {c: {"us_per_eval": per_eval(us), "share": us / total} for c, us in shares.most_common()},
             "kernels": kernels}
 
