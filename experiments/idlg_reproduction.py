@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import subprocess
 import sys
 import time
 
@@ -171,6 +172,26 @@ def check_resume(saved: dict | None, current: dict, rows: list, out: pathlib.Pat
     return current
 
 
+def code_version(path: pathlib.Path = pathlib.Path(__file__)) -> str | None:
+    """The checkout's commit (``git describe --always --dirty``), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "-C", str(path.resolve().parent), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def run_record(done: int, strategy: str, conv: str, head: str) -> dict:
+    """What one invocation ran with, for ``meta.json``'s ``runs``: a resumed folder can mix code versions.
+
+    The convolution and L-BFGS implementations compute the same function but round differently,
+    so a run resumed under other code follows other trajectories from its first new victim on.
+    """
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_version(), "jax": jax.__version__,
+            "backend": jax.default_backend(), "strategy": strategy, "conv": conv, "head": head, "victims_before": done}
+
+
 def default_data_dir() -> pathlib.Path:
     """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
     env = os.environ.get("JAXLEAK_DATA")
@@ -221,6 +242,7 @@ def main(argv=None) -> int:
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": 0.0}
     meta["protocol"] = check_resume(meta.get("protocol"), protocol(args.dataset, args.seed, config, args.config, head), rows, args.out)
+    meta.setdefault("runs", []).append(run_record(len(rows), strategy, models.conv_layer("auto"), head))
     if rows:  # a folder from before the protocol was recorded records it now, even if no chunk runs
         meta_path.write_text(json.dumps(meta))
     ex_path = args.out / "examples.npz"
@@ -267,7 +289,7 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])
     summary.update(config=dataclasses.asdict(config) | {"name": args.config}, head=head, backend=backend, strategy=strategy,
-                   seed=args.seed, requested_victims=args.victims, complete=len(rows) >= args.victims)
+                   seed=args.seed, requested_victims=args.victims, complete=len(rows) >= args.victims, runs=meta["runs"])
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot(args.out, summary, examples)
     for method in ("dlg", "idlg"):

@@ -212,11 +212,15 @@ AUTO_CONV = {"cpu": "s2d"}
 CONVS = ("auto", "xla", "patches", "slices", "s2d")
 
 
-def _conv_layer(conv: str) -> Callable[..., nn.Module]:
+def conv_layer(conv: str) -> str:
+    """LeNet's ``conv`` option resolved for the current backend: ``"xla"``, ``"patches"``, ``"slices"`` or ``"s2d"``."""
     if conv not in CONVS:
         raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
-    if conv == "auto":
-        conv = AUTO_CONV.get(jax.default_backend(), "patches")
+    return AUTO_CONV.get(jax.default_backend(), "patches") if conv == "auto" else conv
+
+
+def _conv_layer(conv: str) -> Callable[..., nn.Module]:
+    conv = conv_layer(conv)
     if conv == "xla":
         return nn.Conv
     return functools.partial(PatchConv, extract="conv" if conv == "patches" else conv)

@@ -157,6 +157,8 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
                        "--steps", "2", "--json", "--quiet", "--out", str(tmp_path / "idlg"))
     assert res["summary"]["victims"] == 1 and res["summary"]["methods"]["idlg"]["label_accuracy"] == 1.0
     assert (tmp_path / "idlg" / "fidelity.png").exists()
+    runs = json.loads((tmp_path / "idlg" / "meta.json").read_text())["runs"]
+    assert [r["victims_before"] for r in runs] == [0] and res["summary"]["runs"] == runs
     code, _, err = _run(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "2", "--chunk", "1",
                         "--steps", "3", "--quiet", "--out", str(tmp_path / "idlg"))  # another budget: not the same run
     assert code != 0 and "config.steps" in err
@@ -181,6 +183,16 @@ def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_p
     assert repro.protocol("cifar100", 0, attacks.PAPER, "paper", "dense") == paper
     with pytest.raises(SystemExit, match=r"different head"):
         repro.check_resume(paper, repro.protocol("cifar100", 0, attacks.PAPER, "paper", "blocked"), rows, tmp_path)
+
+
+def test_idlg_reproduction_records_what_each_run_ran_with(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import idlg_reproduction as repro
+
+    rec = repro.run_record(8, "processes", jl.models.conv_layer("auto"), "blocked")
+    assert rec["victims_before"] == 8 and rec["strategy"] == "processes" and rec["head"] == "blocked"
+    assert rec["conv"] == ("s2d" if jax.default_backend() == "cpu" else "patches") and rec["jax"] == jax.__version__
+    assert repro.code_version(tmp_path / "script.py") is None  # not a git checkout: no version, no error
 
 
 def test_bench_attack_json(npz_env, tmp_path, capsys):

@@ -118,6 +118,17 @@ def test_blocked_matmul_keeps_what_a_running_sum_loses():
     assert ours == 1.0 + 23 * 2.0**-20
 
 
+def test_conv_and_head_options_resolve_per_backend():
+    """"auto" names the backend's implementation (what run records store); unknown names are refused."""
+    cpu = jax.default_backend() == "cpu"
+    assert models.conv_layer("auto") == ("s2d" if cpu else "patches") and models.conv_layer("slices") == "slices"
+    assert models.head_layer("auto") == ("blocked" if cpu else "dense")
+    with pytest.raises(ValueError, match="conv must be one of"):
+        models.conv_layer("im2col")
+    with pytest.raises(ValueError, match="conv must be one of"):
+        jl.LeNet(10, conv="im2col").init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+
+
 def test_blocked_head_lenet_has_dense_parameters():
     """head="blocked" takes nn.Dense's parameters and computes the same logits; "auto" is it on the CPU."""
     x = jax.random.uniform(jax.random.PRNGKey(1), (2, 32, 32, 3))
