@@ -11,7 +11,10 @@ every 10 steps).
 
 Results are appended per victim to ``OUT/victims.jsonl``; a rerun skips the
 victims already there (resume), and ``--time-budget`` stops starting new
-chunks after that many seconds. Every run rewrites ``OUT/results.json``,
+chunks after that many seconds. ``OUT/meta.json`` keeps the protocol (a resume under
+another one is refused), the seconds spent and, per invocation that ran victims, what
+it ran with (``runs``: code version, jax, backend, strategy, convolution, head), since
+a folder resumed under newer code mixes implementations that round differently. Every run rewrites ``OUT/results.json``,
 ``OUT/fidelity.png`` (against the paper's Figure 1), ``OUT/examples.png`` and
 ``OUT/figure2.png`` (one run's iterations, every 10 steps).
 """
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
     meta_path = args.out / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {"seconds": 0.0}
     meta["protocol"] = check_resume(meta.get("protocol"), protocol(args.dataset, args.seed, config, args.config, head), rows, args.out)
-    meta.setdefault("runs", []).append(run_record(len(rows), strategy, models.conv_layer("auto"), head))
+    run = run_record(len(rows), strategy, models.conv_layer("auto"), head)  # in meta["runs"] once it writes a victim
     if rows:  # a folder from before the protocol was recorded records it now, even if no chunk runs
         meta_path.write_text(json.dumps(meta))
     ex_path = args.out / "examples.npz"
@@ -281,6 +284,8 @@ def main(argv=None) -> int:
                     examples["snapshots_idlg"] = res["idlg"]["snapshots"][0]
                 np.savez(ex_path, **examples)
             meta["seconds"] += time.time() - t
+            if c == 0:
+                meta.setdefault("runs", []).append(run)
             meta_path.write_text(json.dumps(meta))
             bar.update(len(idx))
             bar.set_postfix_str(f"chunk {time.time() - t:.1f}s")
@@ -289,7 +294,7 @@ def main(argv=None) -> int:
     rows.sort(key=lambda r: r["victim"])
     summary = summarise(rows, args.dataset, meta["seconds"])
     summary.update(config=dataclasses.asdict(config) | {"name": args.config}, head=head, backend=backend, strategy=strategy,
-                   seed=args.seed, requested_victims=args.victims, complete=len(rows) >= args.victims, runs=meta["runs"])
+                   seed=args.seed, requested_victims=args.victims, complete=len(rows) >= args.victims, runs=meta.get("runs", []))
     (args.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     plot(args.out, summary, examples)
     for method in ("dlg", "idlg"):

@@ -159,6 +159,12 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
     assert (tmp_path / "idlg" / "fidelity.png").exists()
     runs = json.loads((tmp_path / "idlg" / "meta.json").read_text())["runs"]
     assert [r["victims_before"] for r in runs] == [0] and res["summary"]["runs"] == runs
+    _run_json(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "2", "--chunk", "1", "--steps", "2",
+              "--json", "--quiet", "--out", str(tmp_path / "idlg"))  # resumed: one more victim, one more run
+    _run_json(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "2", "--chunk", "1", "--steps", "2",
+              "--json", "--quiet", "--out", str(tmp_path / "idlg"))  # nothing left to do: no run recorded
+    runs = json.loads((tmp_path / "idlg" / "meta.json").read_text())["runs"]
+    assert [r["victims_before"] for r in runs] == [0, 1]
     code, _, err = _run(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "2", "--chunk", "1",
                         "--steps", "3", "--quiet", "--out", str(tmp_path / "idlg"))  # another budget: not the same run
     assert code != 0 and "config.steps" in err
