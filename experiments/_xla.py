@@ -1,8 +1,9 @@
-"""Process set-up shared by the experiment scripts; must run before jax is imported."""
+"""Set-up shared by the experiment scripts: XLA flags (before jax is imported) and the data folder."""
 
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 
@@ -18,3 +19,9 @@ def cpu_devices_flag(default: int = 2) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if n > 1 and "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+def default_data_dir() -> pathlib.Path:
+    """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
+    env = os.environ.get("JAXLEAK_DATA")
+    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"

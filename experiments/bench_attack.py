@@ -52,7 +52,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-from _xla import cpu_devices_flag  # noqa: E402  (sets XLA_FLAGS before jax is imported)
+from _xla import cpu_devices_flag, default_data_dir  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
 cpu_devices_flag()
 
@@ -112,8 +112,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     if strategy in ("processes", "processes-cold"):  # one pinned single-device worker per core (attack_victims' "processes")
         run = lambda k, p, g, pool: attacks.attack_victims("idlg", k, model.apply, p, g, (32, 32, 3), config=config,
                                                            strategy="processes", pool=pool)
-        # One worker per core, at most one per victim (as attack_victims sizes its own pool).
-        with processes.WorkerPool(min(len(processes.available_cores()), n)) as pool:
+        with processes.WorkerPool(processes.pool_size(n)) as pool:  # the pool attack_victims would start
             compile_s = float("nan")
             if strategy == "processes":
                 # As the reference's workers are started and past their imports before its clock starts, the
@@ -220,12 +219,6 @@ def _summary(name, n, seconds, mse, evals, **extra) -> dict:
     return {"impl": name, "victims": n, "seconds": seconds, "victims_per_s": n / seconds,
             "successful": ok, "successful_per_s": ok / seconds, "mean_evals": float(np.mean(evals)),
             "ms_per_eval": 1000 * seconds / float(np.sum(evals)), "mse": mse.tolist(), **extra}
-
-
-def default_data_dir() -> pathlib.Path:
-    """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
-    env = os.environ.get("JAXLEAK_DATA")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main(argv=None) -> int:

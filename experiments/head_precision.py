@@ -30,7 +30,8 @@ from jaxleak import attacks, models, victims
 from jaxleak.cli import ScriptOutput, add_output_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from idlg_reproduction import default_data_dir, load_images, victim_image_index  # noqa: E402
+from _xla import default_data_dir  # noqa: E402
+from idlg_reproduction import load_images, victim_image_index  # noqa: E402
 
 
 def _cast(tree, dtype):

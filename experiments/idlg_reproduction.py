@@ -25,14 +25,13 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
 import time
 
 
-from _xla import cpu_devices_flag  # noqa: E402  (sets XLA_FLAGS before jax is imported)
+from _xla import cpu_devices_flag, default_data_dir  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
 cpu_devices_flag()
 
@@ -193,12 +192,6 @@ def run_record(done: int, strategy: str, conv: str, head: str) -> dict:
     """
     return {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "code": code_version(), "jax": jax.__version__,
             "backend": jax.default_backend(), "strategy": strategy, "conv": conv, "head": head, "victims_before": done}
-
-
-def default_data_dir() -> pathlib.Path:
-    """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
-    env = os.environ.get("JAXLEAK_DATA")
-    return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def main(argv=None) -> int:

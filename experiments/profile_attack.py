@@ -32,7 +32,8 @@ from jaxleak import attacks, models
 from jaxleak.cli import ScriptOutput, add_output_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_attack import default_data_dir, make_victims  # noqa: E402
+from _xla import default_data_dir  # noqa: E402
+from bench_attack import make_victims  # noqa: E402
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (\S+) .*?op_name="([^"]*)"', re.M)
 

@@ -64,6 +64,11 @@ def _worker_count(workers: Optional[int], cores: list[int]) -> int:
     return workers
 
 
+def pool_size(n: int, workers: Optional[int] = None) -> int:
+    """Workers for ``n`` victims: ``workers`` (``None``: one per available core), at most one per victim."""
+    return min(_worker_count(workers, available_cores()), n)
+
+
 # --------------------------------------------------------------------------
 # Worker side. Module-level state is per worker process: the jitted functions and shared
 # arguments it was sent, by the hash of their pickle (a few, most recent last).
@@ -237,8 +242,8 @@ def map_in_processes(
         if workers is not None:
             raise ValueError("pass workers= or pool=, not both: a WorkerPool has its own workers")
         return pool.map(fn, args, in_axes, n, progress=progress, desc=desc)
-    with WorkerPool(min(_worker_count(workers, available_cores()), n)) as own:
+    with WorkerPool(pool_size(n, workers)) as own:
         return own.map(fn, args, in_axes, n, progress=progress, desc=desc)
 
 
-__all__ = ["WorkerPool", "available_cores", "map_in_processes"]
+__all__ = ["WorkerPool", "available_cores", "map_in_processes", "pool_size"]

@@ -155,3 +155,11 @@ def test_workers_exit_when_their_driver_is_killed(tmp_path):
     for p in left:
         os.kill(p, 9)
     assert not left, f"workers {left} outlived their killed driver"
+
+
+def test_pool_size_is_one_worker_per_core_and_at_most_one_per_victim():
+    cores = len(processes.available_cores())
+    assert processes.pool_size(1) == 1 and processes.pool_size(10 * cores) == cores
+    assert processes.pool_size(10 * cores, workers=1) == 1 and processes.pool_size(1, workers=cores) == 1
+    with pytest.raises(ValueError, match="workers must be between 1 and"):
+        processes.pool_size(4, workers=cores + 1)
