@@ -264,16 +264,22 @@ def test_bench_gradients_json_and_quiet(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_head_precision_blocked_head_cuts_the_gradient_noise(npz_env, monkeypatch, capsys):
-    """experiments/head_precision.py: where the dense head's float32 iDLG run stalls, the blocked head's matching
-    gradient is closer to float64 (README, "Accurate head": 1.15 against 0.23 on victim 25)."""
+    """experiments/head_precision.py: where the dense head's float32 iDLG runs stall, the blocked head rounds the
+    logits less on every victim and its matching gradient is closer to float64 on most (README, "Accurate head":
+    under the s2d convolutions 0.15 / 0.42 / 0.83 dense against 0.17 / 0.07 / 0.07 blocked on victims 25, 27, 32).
+    Which point a chaotic float32 run stalls at changes with any change of rounding, so the gradient is compared
+    by the median ratio over three victims, not victim by victim."""
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
     import head_precision
 
-    assert head_precision.main(["--victims", "25", "--json", "--quiet"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)["victims"]
-    assert row["dense"]["loss"] < 1e-4  # a stalled run near a match, not one that went astray
-    assert row["blocked"]["gradient_error_at_stall"] < 0.5 * row["dense"]["gradient_error_at_stall"]
-    assert row["blocked"]["logit_error_at_stall"] < row["dense"]["logit_error_at_stall"]
+    assert head_precision.main(["--victims", "25", "27", "32", "--json", "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)["victims"]
+    assert [r["victim"] for r in rows] == [25, 27, 32]
+    for r in rows:
+        assert r["dense"]["loss"] < 1e-4  # stalled near a match, not gone astray
+        assert r["blocked"]["logit_error_at_stall"] < 0.5 * r["dense"]["logit_error_at_stall"]
+    ratios = [r["blocked"]["gradient_error_at_stall"] / r["dense"]["gradient_error_at_stall"] for r in rows]
+    assert np.median(ratios) < 0.5
 
 
 def test_profile_attack_attributes_kernels_by_op_name(monkeypatch):
