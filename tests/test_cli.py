@@ -201,6 +201,35 @@ def test_idlg_reproduction_records_what_each_run_ran_with(monkeypatch, tmp_path)
     assert repro.code_version(tmp_path / "script.py") is None  # not a git checkout: no version, no error
 
 
+def test_compare_runs_counts_only_the_common_victims(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import compare_runs
+
+    def rec(v, label, dlg_mse, idlg_mse, dlg_label=None):
+        m = lambda mse, lab: {"label": lab, "mse": mse, "loss": 0.0, "steps": 1, "evals": 10, "seconds": 1.0}  # noqa: E731
+        return {"victim": v, "label": label, "dlg": m(dlg_mse, label if dlg_label is None else dlg_label),
+                "idlg": m(idlg_mse, label)}
+
+    def write(folder, rows):
+        folder.mkdir()
+        (folder / "victims.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return folder
+
+    a = write(tmp_path / "a", [rec(0, 3, 1e-5, 1e-5), rec(1, 4, 1e-2, 5e-5, dlg_label=0), rec(2, 5, 1e-5, 1e-5)])
+    b = write(tmp_path / "b", [rec(0, 3, 1e-5, 2e-3), rec(1, 4, 1e-5, 1e-5), rec(7, 1, 1e-5, 1e-5)])
+    res = compare_runs.compare(compare_runs.read_victims(a), compare_runs.read_victims(b), "lfw")
+    assert res["victims"] == 2  # victims 2 and 7 are in one run only
+    assert res["a"]["dlg"]["label_accuracy"] == 0.5 and res["b"]["dlg"]["label_accuracy"] == 1.0
+    assert res["a"]["idlg"]["fidelity"]["0.0001"] == 1.0 and res["b"]["idlg"]["fidelity"]["0.0001"] == 0.5
+    assert res["only"] == {"dlg": {"a": 0, "b": 1}, "idlg": {"a": 1, "b": 0}}
+    assert compare_runs.main([str(a), str(b), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["only"] == res["only"]
+    write(tmp_path / "c", [rec(0, 9, 1e-5, 1e-5)])  # victim 0 with another true label: another protocol
+    assert compare_runs.main([str(a), str(tmp_path / "c")]) == 2
+    assert "disagree on the true label of victims [0]" in capsys.readouterr().err
+    assert compare_runs.main([str(a), str(tmp_path / "missing")]) == 2
+
+
 def test_bench_attack_json(npz_env, tmp_path, capsys):
     # (the loop strategy, the CPU's default, runs in test_bench_attack_torch_workers)
     res, _ = _run_json(capsys, "bench", "attack", "--victims", "2", "--torch-victims", "0", "--steps", "2",
