@@ -96,6 +96,11 @@ class AttackConfig:
       box: clamp ``x'`` to ``(lo, hi)`` after every Adam update (``None``: no box).
       stop_loss, check_every: stop a victim when its matching loss is below
         ``stop_loss``, tested every ``check_every`` steps (iDLG: 1e-6 every 10).
+      give_up: ``(step, loss)``: abandon a victim whose matching loss is still at or above
+        ``loss`` at a check (the same every ``check_every`` steps) after outer step ``step``
+        or later, as a hopeless run: it stops like a converged one, with ``steps < config.steps``
+        and its loss above ``stop_loss`` (:func:`gave_up`). Not in the papers; ``None`` (default):
+        every victim runs until it converges or ``steps`` are spent.
       exclude_tensors: gradient tensors left out of the distance (paths like ``"head/kernel"``).
       restarts: independent random initialisations; the lowest final loss wins.
       snapshot_every: keep ``x'`` every this many steps (Figure 2 of iDLG).
@@ -149,6 +154,7 @@ class AttackConfig:
     lbfgs_milestones: tuple[float, ...] = ()
     factored_head: Optional[bool] = None
     victim_axis: Optional[str] = None
+    give_up: Optional[tuple[int, float]] = None
 
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
@@ -170,6 +176,10 @@ class AttackConfig:
             raise ValueError(f"lbfgs_milestones schedule optimizer='torch_lbfgs' only, got optimizer={self.optimizer!r}")
         if self.lbfgs_milestones and not self.gamma > 0:
             raise ValueError(f"gamma must be > 0 with lbfgs_milestones, got {self.gamma}")
+        if self.give_up is not None and not (len(self.give_up) == 2 and 0 <= self.give_up[0] < self.steps
+                                             and self.give_up[1] > self.stop_loss):
+            raise ValueError(f"give_up must be (step, loss) with 0 <= step < steps ({self.steps}) and loss > "
+                             f"stop_loss ({self.stop_loss}), got {self.give_up}")
 
 
 #: DLG/iDLG as published: L2, PyTorch L-BFGS(lr 1), 300 steps, stop at 1e-6 (checked every 10).
@@ -224,9 +234,22 @@ def _snapshot_slots(config: AttackConfig) -> int:
     return config.steps // config.snapshot_every + 1
 
 
+def _stops(i: Array, loss: Array, live: Array, config: AttackConfig) -> Array:
+    """Whether a live victim stops before outer step ``i``: the check after step ``i - 1`` (every
+    ``check_every``) finds its loss below ``stop_loss``, or, with ``give_up``, still at or above its threshold."""
+    check = live & (i > 0) & ((i - 1) % config.check_every == 0)
+    stop = loss < config.stop_loss
+    if config.give_up is not None:
+        step, threshold = config.give_up
+        stop = stop | ((i - 1 >= step) & ~(loss < threshold))  # NaN gives up too
+    return check & stop
+
+
 def _finish(objective, z, hist, i, evals, snaps, config) -> tuple:
     loss = objective(z)
-    hist = hist.at[jnp.maximum(i - 1, 0)].set(jnp.where(i > 0, loss, hist[0]))
+    # A victim stopped at a check keeps the loss the check saw there (gave_up reads it); else the last step's.
+    j = jnp.maximum(i - 1, 0)
+    hist = hist.at[j].set(jnp.where((i > 0) & jnp.isnan(hist[j]), loss, hist[j]))
     slots = jnp.arange(snaps.shape[0])
     snaps = jnp.where((slots * config.snapshot_every >= i)[:, None, None, None], z["x"][None], snaps)
     return z, loss, hist, i, evals + 1, snaps
@@ -253,15 +276,15 @@ def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         loss, g = vg(state.x)  # the loss after step i-1 and the first closure call of step i
         j = jnp.maximum(i - 1, 0)
         hist = hist.at[j].set(jnp.where(live & (i > 0), loss, hist[j]))
-        converged = live & (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
+        stopped = _stops(i, loss, live, config)
         # Row writes masked in place rather than lax.cond, which vmap turns into selects over the
         # whole buffer (here the snapshots; in the L-BFGS update the (m, n) history).
         slot = jnp.minimum(i // config.snapshot_every, snaps.shape[0] - 1)
         take = live & (i % config.snapshot_every == 0)
         snaps = snaps.at[slot].set(jnp.where(take, unravel(state.x)["x"], snaps[slot]))
         lr = None if lrs is None else lrs[jnp.minimum(i, config.steps - 1)]
-        state = _lbfgs.update(state, vg, cfg, loss, g, lr, active=live & ~converged, axis_name=axis)[0]
-        return jnp.where(live & ~converged, i + 1, i), state, done | converged, hist, snaps
+        state = _lbfgs.update(state, vg, cfg, loss, g, lr, active=live & ~stopped, axis_name=axis)[0]
+        return jnp.where(live & ~stopped, i + 1, i), state, done | stopped, hist, snaps
 
     i, state, done, hist, snaps = lax.while_loop(
         cond, body, (jnp.zeros((), jnp.int32), _lbfgs.init(flat0, cfg), jnp.zeros((), bool), hist0, snaps0)
@@ -294,7 +317,7 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
             loss, g = vg(z)
         j = jnp.maximum(i - 1, 0)
         hist = hist.at[j].set(jnp.where(live & (i > 0), loss, hist[j]))
-        converged = live & (i > 0) & ((i - 1) % config.check_every == 0) & (loss < config.stop_loss)
+        stopped = _stops(i, loss, live, config)
         slot = jnp.minimum(i // config.snapshot_every, snaps.shape[0] - 1)
         snaps = snaps.at[slot].set(jnp.where(live & (i % config.snapshot_every == 0), z["x"], snaps[slot]))
         if config.optimizer == "optax_lbfgs":
@@ -309,9 +332,9 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         new_z = optax.apply_updates(z, updates)
         if config.box is not None:
             new_z = {**new_z, "x": jnp.clip(new_z["x"], *config.box)}
-        stay = converged | ~live
+        stay = stopped | ~live
         keep = lambda a, b: jax.tree_util.tree_map(lambda u, w: jnp.where(stay, u, w), a, b)
-        return (jnp.where(stay, i, i + 1), keep(z, new_z), keep(state, new_state), done | converged, hist,
+        return (jnp.where(stay, i, i + 1), keep(z, new_z), keep(state, new_state), done | stopped, hist,
                 evals + jnp.where(live, n, 0), snaps)
 
     init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), jnp.zeros((), bool), hist0, jnp.zeros((), jnp.int32), snaps0)
@@ -408,6 +431,18 @@ def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: O
         apply_fn, variables, target_grads, label, feature, distance=config.distance, tv=config.tv,
         exclude_tensors=config.exclude_tensors, feature_weight=config.feature_weight, factored_head=factored,
     )
+
+
+def gave_up(result: AttackResult, config: AttackConfig) -> Array:
+    """Whether ``config.give_up`` abandoned the run: it stopped before ``config.steps`` without its loss below ``stop_loss``.
+
+    Reads the loss the stopping check saw (``result.loss_history[steps - 1]``), so a run that
+    converged is never counted, whatever the rounding of the final ``result.loss``. Always
+    false without ``give_up``. Jit- and vmap-compatible (``vmap`` over a stacked result).
+    """
+    steps = result.steps
+    last = result.loss_history[jnp.clip(steps - 1, 0, result.loss_history.shape[-1] - 1)]
+    return (config.give_up is not None) & (steps > 0) & (steps < config.steps) & ~(last < config.stop_loss)
 
 
 def keep_best(result: AttackResult, snapshot_every: int) -> tuple[Array, Array]:
@@ -666,7 +701,7 @@ def attack_victims(
     Returns:
       numpy arrays with a leading V axis: ``reconstruction``, ``label`` (K,),
       ``label_index``, ``loss``, ``loss_history``, ``steps``, ``evals``,
-      ``snapshots`` and, with ``x_true``, ``mse``, ``psnr``, ``ssim``.
+      ``snapshots``, ``gave_up`` (:func:`gave_up`: abandoned by ``config.give_up``) and, with ``x_true``, ``mse``, ``psnr``, ``ssim``.
     """
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
     n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
@@ -697,6 +732,7 @@ def attack_victims(
     res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack",
                                axis_name=config.victim_axis, workers=workers, pool=pool)
     out = {name: np.asarray(v) for name, v in res._asdict().items()}
+    out["gave_up"] = np.asarray(jax.vmap(gave_up, in_axes=(0, None))(res, config))
     out["reconstruction"] = out.pop("x")
     out["label_index"] = out["label"].argmax(-1)
     if x_true is not None:

@@ -78,6 +78,39 @@ def test_masking_stops_finished_victims(tiny):
     np.testing.assert_allclose(batched.x[finished], single.x, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_give_up_abandons_the_victims_above_its_loss(tiny, strategy):
+    """AttackConfig.give_up=(1, c): the victim whose loss after step 1 is at or above c stops there, reported
+    by gave_up, with the iterate and history of a plain run's first two steps; the other runs on."""
+    run = lambda cfg: attacks.attack_victims("idlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"],
+                                             tiny["grads"], SHAPE, config=cfg, strategy=strategy)
+    plain = run(_few_steps(4, stop_loss=0.0, check_every=1))
+    lo, hi = sorted(plain["loss_history"][:, 1])
+    res = run(_few_steps(4, stop_loss=0.0, check_every=1, give_up=(1, float(np.sqrt(lo * hi)))))
+    high = int(np.argmax(plain["loss_history"][:, 1]))
+    assert res["steps"].tolist()[high] == 2 and res["gave_up"][high]
+    np.testing.assert_array_equal(res["loss_history"][high, :2], plain["loss_history"][high, :2])
+    assert np.isnan(res["loss_history"][high, 2:]).all()
+    two = run(_few_steps(2, stop_loss=0.0))  # the abandoned victim's iterate is that after two steps
+    np.testing.assert_allclose(res["reconstruction"][high], two["reconstruction"][high], rtol=1e-6, atol=1e-6)
+    low = 1 - high
+    assert np.all(plain["loss_history"][low, 1:3] < np.sqrt(lo * hi))  # below at every check before the last step
+    assert res["steps"][low] == 4 and not res["gave_up"][low]
+    np.testing.assert_array_equal(res["reconstruction"][low], plain["reconstruction"][low])
+    assert not plain["gave_up"].any()
+
+
+def test_gave_up_is_not_a_converged_run(tiny):
+    """A run stopped by stop_loss is never reported as given up, though give_up is set."""
+    p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
+    cfg = dataclasses.replace(attacks.PAPER, give_up=(100, 1.0))
+    res = jax.jit(lambda k: attacks.idlg(k, tiny["model"].apply, p, g, SHAPE, config=cfg))(jax.random.PRNGKey(3))
+    assert int(res.steps) < 100 and float(res.loss_history[int(res.steps) - 1]) < cfg.stop_loss
+    assert not bool(attacks.gave_up(res, cfg))
+    assert bool(attacks.gave_up(res._replace(loss_history=res.loss_history.at[int(res.steps) - 1].set(2.0)), cfg))
+    assert not bool(attacks.gave_up(res, attacks.PAPER))  # no give_up: never
+
+
 def _batched_while_predicates(jaxpr) -> int:
     """``while`` loops, in a jaxpr and all its sub-jaxprs, whose predicate is an array (batched by vmap).
 
@@ -388,6 +421,9 @@ def test_bad_lbfgs_milestones():
         attacks.AttackConfig(optimizer="adam", lbfgs_milestones=(0.5,))
     with pytest.raises(ValueError, match="gamma must be > 0"):
         attacks.AttackConfig(lbfgs_milestones=(0.5,), gamma=0.0)
+    for bad in [(300, 1.0), (-1, 1.0), (10, 1e-7), (10,), (10, float("nan"))]:
+        with pytest.raises(ValueError, match="give_up must be \\(step, loss\\)"):
+            attacks.AttackConfig(give_up=bad)
 
 
 @pytest.mark.parametrize("config", [
