@@ -237,6 +237,10 @@ def main(argv=None) -> int:
                    help="LeNet's head (models.LeNet head=): auto (the backend's default), dense, blocked")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),
                    help="jaxleak's optimiser: paper (PyTorch L-BFGS semantics, the reference's) and/or optax (best default)")
+    p.add_argument("--give-up", type=float, nargs=2, default=None, metavar=("STEP", "LOSS"),
+                   help="also run each config with AttackConfig.give_up=(STEP, LOSS) (named CONFIG+give_up): victims whose "
+                        "loss is still at or above LOSS at a check from outer step STEP on are abandoned; same victims and "
+                        "starts (the reference runs its own protocol, without it)")
     p.add_argument("--steps", type=int, default=None,
                    help="outer steps per victim for jaxleak and the reference (default: each config's own, paper 300, optax 3000; "
                         "the reference always runs the paper's 300 unless this is given)")
@@ -260,10 +264,14 @@ def main(argv=None) -> int:
     if not (data_dir / "cifar100_subset.npz").is_file():
         p.error(f"cifar100_subset.npz not found in {data_dir}: pass --data or set JAXLEAK_DATA")
 
-    import dataclasses
-
     configs = {name: CONFIGS[name] if args.steps is None else dataclasses.replace(CONFIGS[name], steps=args.steps)
                for name in args.configs}
+    if args.give_up is not None:
+        rule = (int(args.give_up[0]), args.give_up[1])
+        try:
+            configs.update({f"{name}+give_up": dataclasses.replace(c, give_up=rule) for name, c in list(configs.items())})
+        except ValueError as e:
+            p.error(f"--give-up: {e}")
     torch_steps = attacks.PAPER.steps if args.steps is None else args.steps
     backend = jax.default_backend()
     rows, ratios = [], []
