@@ -239,6 +239,21 @@ def test_bench_attack_json(npz_env, tmp_path, capsys):
     assert rows[0]["mse"] == rows[1]["mse"]  # AttackConfig.victim_axis changes the loops' masking, not the result
 
 
+def test_bench_attack_give_up_runs_both_arms(npz_env, monkeypatch, capsys):
+    # give_up=(0, 1e-3): every victim's loss after its first step is far above 1e-3, so each stops there.
+    res, _ = _run_json(capsys, "bench", "attack", "--victims", "2", "--torch-victims", "0", "--steps", "3",
+                       "--strategies", "loop", "--give-up", "0", "1e-3", "--json", "--quiet")
+    plain, gave_up = res["rows"]
+    assert (plain["config"], gave_up["config"]) == ("paper", "paper+give_up")
+    assert gave_up["mean_evals"] < plain["mean_evals"] and gave_up["successful"] == 0
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import bench_attack
+
+    with pytest.raises(SystemExit):  # the rule's step must fall inside the run
+        bench_attack.main(["--victims", "1", "--torch-victims", "0", "--steps", "3", "--give-up", "3", "1.0"])
+    assert "--give-up: give_up must be (step, loss)" in capsys.readouterr().err
+
+
 def test_bench_attack_processes_warm_and_cold(npz_env, tmp_path, capsys):
     # "processes" starts its pool and compiles before the clock (a warm-up victim per worker, timed as
     # compile_s), "processes-cold" inside it; the same victims give the same results either way.
