@@ -254,6 +254,48 @@ def test_bench_attack_give_up_runs_both_arms(npz_env, monkeypatch, capsys):
     assert "--give-up: give_up must be (step, loss)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("check_every", [1, 2])
+def test_give_up_study_predicts_the_engines_rule(tiny, monkeypatch, check_every):
+    """give_up_study.gives_up, applied to a plain run's histories, abandons the victims the engine's
+    AttackConfig.give_up abandons, at each candidate threshold."""
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import give_up_study
+    from jaxleak import attacks, lbfgs
+
+    cfg = dataclasses.replace(attacks.PAPER, steps=6, check_every=check_every, stop_loss=1e-12,
+                              lbfgs=lbfgs.TorchLBFGSConfig(max_iter=2, max_eval=3))
+    run = lambda c: attacks.attack_victims("dlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"],
+                                           tiny["grads"], (8, 8, 1), config=c, strategy="loop")
+    plain = run(cfg)
+    losses = np.sort(plain["loss_history"][:, check_every])
+    abandoned = []
+    for threshold in (losses[0] / 2, np.sqrt(losses[0] * losses[1]), losses[1] * 2):
+        rule = (check_every, float(threshold))
+        predicted = give_up_study.gives_up(plain["loss_history"], plain["steps"], rule, check_every)
+        engine = run(dataclasses.replace(cfg, give_up=rule))
+        np.testing.assert_array_equal(predicted, engine["gave_up"])
+        abandoned.append(int(predicted.sum()))
+    assert abandoned[:2] == [2, 1]  # below both losses at the rule's first check: both; between them: one
+
+
+def test_give_up_study_runs_resumes_and_refuses_another_protocol(npz_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import give_up_study
+
+    argv = ["--dataset", "mnist", "--victims", "2", "--chunk", "1", "--strategy", "loop", "--out", str(tmp_path),
+            "--rule-steps", "0", "--rule-losses", "1e-12", "--json", "--quiet"]
+    assert give_up_study.main(argv) == 0
+    first = json.loads(capsys.readouterr().out)
+    idlg = first["methods"]["idlg"]
+    assert first["victims"] == 2 and idlg["rules"][0]["gives_up"] == 2  # loss above 1e-12 at the first check: all
+    with np.load(tmp_path / "histories.npz") as z:
+        assert z["idlg_loss_history"].shape == (2, 300) and z["dlg_mse"].shape == (2,)
+    assert give_up_study.main(argv[:3] + ["1"] + argv[4:]) == 0  # fewer victims than saved: analysed, not rerun
+    assert json.loads(capsys.readouterr().out)["victims"] == 1
+    with pytest.raises(SystemExit, match="holds mnist seed 0, not mnist seed 1"):
+        give_up_study.main(argv + ["--seed", "1"])
+
+
 def test_bench_attack_processes_warm_and_cold(npz_env, tmp_path, capsys):
     # "processes" starts its pool and compiles before the clock (a warm-up victim per worker, timed as
     # compile_s), "processes-cold" inside it; the same victims give the same results either way.
