@@ -163,6 +163,10 @@ def check_resume(saved: dict | None, current: dict, rows: list, out: pathlib.Pat
     A folder written before the protocol was recorded (``saved`` is None) is taken as it is,
     as the README's copy of ``docs/results/`` is; its ``results.json`` records its config.
     """
+    if saved is not None and "config" in saved:
+        # A config field added since the folder was written did not exist then: the run behaved as its default.
+        defaults = json.loads(json.dumps(dataclasses.asdict(attacks.AttackConfig()), default=str))
+        saved = saved | {"config": {k: v for k, v in defaults.items() if k in current["config"]} | saved["config"]}
     if saved is not None and rows and saved != current:
         diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if "config" in diff:

@@ -189,6 +189,12 @@ def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_p
     assert repro.protocol("cifar100", 0, attacks.PAPER, "paper", "dense") == paper
     with pytest.raises(SystemExit, match=r"different head"):
         repro.check_resume(paper, repro.protocol("cifar100", 0, attacks.PAPER, "paper", "blocked"), rows, tmp_path)
+    # A config field added after the folder was written (give_up) resumes at its default, and is named when it differs.
+    older = {**paper, "config": {k: v for k, v in paper["config"].items() if k != "give_up"}}
+    assert repro.check_resume(older, paper, rows, tmp_path) == paper
+    with pytest.raises(SystemExit, match=r"a different config\.give_up;"):
+        repro.check_resume(older, repro.protocol("cifar100", 0, dataclasses.replace(attacks.PAPER, give_up=(50, 1.0)), "paper"),
+                           rows, tmp_path)
 
 
 def test_idlg_reproduction_records_what_each_run_ran_with(monkeypatch, tmp_path):
