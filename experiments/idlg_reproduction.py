@@ -99,6 +99,7 @@ def summarise(rows: list[dict], dataset: str, seconds: float) -> dict:
             "fidelity": metrics.fidelity_curve(mse),
             "mse": mse.tolist(),
             "diverged": int(np.sum(~np.isfinite(mse) | (mse > 1.0))),
+            "gave_up": int(sum(r[method].get("gave_up", False) for r in rows)),
             "mean_evals": float(np.mean([r[method]["evals"] for r in rows])) if rows else float("nan"),
             "mean_steps": float(np.mean([r[method]["steps"] for r in rows])) if rows else float("nan"),
             "seconds_per_victim": float(np.mean([r[method]["seconds"] for r in rows])) if rows else float("nan"),
@@ -213,6 +214,9 @@ def main(argv=None) -> int:
                    help="LeNet's head: blocked (the logits summed in blocks for float32 accuracy, models.BlockedDense), "
                         "dense (nn.Dense: the CPU records in docs/results were made with it) or auto (blocked on CPU)")
     p.add_argument("--steps", type=int, default=None, help="outer L-BFGS steps (default: the config's, 300 as in the paper)")
+    p.add_argument("--give-up", type=float, nargs=2, default=None, metavar=("STEP", "LOSS"),
+                   help="AttackConfig.give_up=(STEP, LOSS): abandon DLG/iDLG runs whose loss is still at or above LOSS at "
+                        "a check from outer step STEP on (not the paper's protocol; experiments/give_up_study.py picks one)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
                         "256 on GPU); a chunk is the unit of resume")
     p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
@@ -235,6 +239,11 @@ def main(argv=None) -> int:
     config = CONFIGS[args.config]
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
+    if args.give_up is not None:
+        try:
+            config = dataclasses.replace(config, give_up=(int(args.give_up[0]), args.give_up[1]))
+        except ValueError as e:
+            p.error(f"--give-up: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "victims.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -270,6 +279,8 @@ def main(argv=None) -> int:
                         row[method] = {"label": int(r["label_index"][j]), "mse": float(r["mse"][j]), "loss": float(r["loss"][j]),
                                        "steps": int(r["steps"][j]), "evals": int(r["evals"][j]),
                                        "seconds": float(r["seconds_per_victim"])}
+                        if config.give_up is not None:
+                            row[method]["gave_up"] = bool(r["gave_up"][j])
                     f.write(json.dumps(row) + "\n")
                     rows.append(row)
             if len(examples["x"]) < 8:

@@ -168,6 +168,12 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
     code, _, err = _run(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "2", "--chunk", "1",
                         "--steps", "3", "--quiet", "--out", str(tmp_path / "idlg"))  # another budget: not the same run
     assert code != 0 and "config.steps" in err
+    # --give-up: recorded per victim and counted; every loss after step 1 is above 1e-5, so every run gives up there.
+    res, _ = _run_json(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "1", "--chunk", "1", "--steps", "3",
+                       "--give-up", "0", "1e-5", "--json", "--quiet", "--out", str(tmp_path / "give_up"))
+    assert res["summary"]["methods"]["idlg"]["gave_up"] == 1 and res["summary"]["methods"]["dlg"]["gave_up"] == 1
+    row = json.loads((tmp_path / "give_up" / "victims.jsonl").read_text())
+    assert row["idlg"]["gave_up"] and row["idlg"]["steps"] == 1
 
 
 def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_path):
