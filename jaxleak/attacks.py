@@ -101,6 +101,9 @@ class AttackConfig:
         or later, as a hopeless run: it stops like a converged one, with ``steps < config.steps``
         and its loss above ``stop_loss`` (:func:`gave_up`). Not in the papers; ``None`` (default):
         every victim runs until it converges or ``steps`` are spent.
+      retries: with ``give_up``, start an abandoned victim again from a fresh random start
+        (the key folded with the try's number; the first try is the run without retries), up
+        to this many more times. The result is the last try's, with ``evals`` summed over all.
       exclude_tensors: gradient tensors left out of the distance (paths like ``"head/kernel"``).
       restarts: independent random initialisations; the lowest final loss wins.
       snapshot_every: keep ``x'`` every this many steps (Figure 2 of iDLG).
@@ -155,6 +158,7 @@ class AttackConfig:
     factored_head: Optional[bool] = None
     victim_axis: Optional[str] = None
     give_up: Optional[tuple[int, float]] = None
+    retries: int = 0
 
     def __post_init__(self):
         if self.precision not in (None, "default", "high", "highest", "bfloat16", "tensorfloat32", "float32"):
@@ -180,6 +184,9 @@ class AttackConfig:
                                              and self.give_up[1] > self.stop_loss):
             raise ValueError(f"give_up must be (step, loss) with 0 <= step < steps ({self.steps}) and loss > "
                              f"stop_loss ({self.stop_loss}), got {self.give_up}")
+        if self.retries < 0 or (self.retries and self.give_up is None):
+            raise ValueError(f"retries must be >= 0 and needs give_up (it retries abandoned victims), got "
+                             f"retries={self.retries}, give_up={self.give_up}")
 
 
 #: DLG/iDLG as published: L2, PyTorch L-BFGS(lr 1), 300 steps, stop at 1e-6 (checked every 10).
@@ -255,7 +262,7 @@ def _finish(objective, z, hist, i, evals, snaps, config) -> tuple:
     return z, loss, hist, i, evals + 1, snaps
 
 
-def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
+def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig, active: Array = True):
     flat0, unravel = ravel_pytree(z0)
     vg = jax.value_and_grad(lambda f: objective(unravel(f)))
     cfg = config.lbfgs
@@ -287,12 +294,12 @@ def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         return jnp.where(live & ~stopped, i + 1, i), state, done | stopped, hist, snaps
 
     i, state, done, hist, snaps = lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), _lbfgs.init(flat0, cfg), jnp.zeros((), bool), hist0, snaps0)
+        cond, body, (jnp.zeros((), jnp.int32), _lbfgs.init(flat0, cfg), ~jnp.asarray(active), hist0, snaps0)
     )
     return _finish(objective, unravel(state.x), hist, i, state.func_evals + done.astype(jnp.int32), snaps, config)
 
 
-def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
+def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig, active: Array = True):
     """optax L-BFGS (zoom line search) or Adam, with the same early stop and snapshots."""
     if config.optimizer == "optax_lbfgs":
         opt = optax.lbfgs(memory_size=config.memory_size)
@@ -337,17 +344,19 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         return (jnp.where(stay, i, i + 1), keep(z, new_z), keep(state, new_state), done | stopped, hist,
                 evals + jnp.where(live, n, 0), snaps)
 
-    init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), jnp.zeros((), bool), hist0, jnp.zeros((), jnp.int32), snaps0)
+    init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), ~jnp.asarray(active), hist0, jnp.zeros((), jnp.int32), snaps0)
     i, z, state, _, hist, evals, snaps = lax.while_loop(cond, body, init)
     return _finish(objective, z, hist, i, evals, snaps, config)
 
 
-def _optimise(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig):
+def _optimise(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig, active: Array = True):
+    """Runs ``config``'s optimiser from ``z0``; ``active`` False (a victim with nothing left to do, under
+    vmap while others run) starts it finished, so it takes no step."""
     run = _run_torch_lbfgs if config.optimizer == "torch_lbfgs" else _run_first_order
     if config.precision is None:
-        return run(objective, z0, config)
+        return run(objective, z0, config, active)
     with jax.default_matmul_precision(config.precision):  # applies to everything traced inside
-        return run(objective, z0, config)
+        return run(objective, z0, config, active)
 
 
 # --------------------------------------------------------------------------
@@ -466,7 +475,32 @@ def keep_best(result: AttackResult, snapshot_every: int) -> tuple[Array, Array]:
     return jnp.concatenate([result.x[None], result.snapshots[1:]])[i], losses[i]
 
 
-def _with_restarts(run_one: Callable[[Array], tuple], key: Array, config: AttackConfig) -> AttackResult:
+def _with_retries(run_one: Callable[..., tuple], config: AttackConfig) -> Callable[[Array], tuple]:
+    """``run_one`` tried again from a fresh start while ``config.give_up`` abandons it, ``config.retries`` times at most."""
+    if not config.retries:
+        return run_one
+
+    def run(key):
+        first = run_one(key)
+
+        def cond(c):
+            t, out = c
+            return _lbfgs.any_running((t <= config.retries) & gave_up(AttackResult(*out), config), config.victim_axis)
+
+        def body(c):
+            t, out = c
+            again = (t <= config.retries) & gave_up(AttackResult(*out), config)
+            new = run_one(jax.random.fold_in(key, t), active=again)
+            new = new[:5] + (new[5] + out[5],) + new[6:]  # evaluations summed over the tries
+            return t + 1, jax.tree_util.tree_map(lambda a, b: jnp.where(again, a, b), new, out)
+
+        return lax.while_loop(cond, body, (jnp.ones((), jnp.int32), first))[1]
+
+    return run
+
+
+def _with_restarts(run_one: Callable[..., tuple], key: Array, config: AttackConfig) -> AttackResult:
+    run_one = _with_retries(run_one, config)
     if config.restarts == 1:
         out = run_one(key)
         return AttackResult(*out)
@@ -513,9 +547,9 @@ def given_label(
     dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
     objective = _objective(apply_fn, variables, target_grads, config, label, feature)
 
-    def run_one(k):
+    def run_one(k, active=True):
         z0 = {"x": jax.random.normal(k, tuple(x_shape), dtype)}
-        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config)
+        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config, active)
         return z["x"], label, loss, hist, i, evals, snaps
 
     return _with_restarts(run_one, key, config)
@@ -560,10 +594,10 @@ def dlg(
     dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
     objective = _objective(apply_fn, variables, target_grads, config, None)
 
-    def run_one(key_):
+    def run_one(key_, active=True):
         kx, kv = jax.random.split(key_)
         z0 = {"x": jax.random.normal(kx, tuple(x_shape), dtype), "v": jax.random.normal(kv, (k,), dtype)}
-        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config)
+        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config, active)
         return z["x"], jax.nn.softmax(z["v"]), loss, hist, i, evals, snaps
 
     return _with_restarts(run_one, key, config)

@@ -100,6 +100,47 @@ def test_give_up_abandons_the_victims_above_its_loss(tiny, strategy):
     assert not plain["gave_up"].any()
 
 
+def test_retries_start_abandoned_victims_again(tiny):
+    """retries=2 with a rule every try fails: three tries from key, fold_in(key, 1), fold_in(key, 2); the
+    result is the third, its evaluations the three tries' sum. A rule no try meets: the plain run."""
+    p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
+    run = jax.jit(lambda k, cfg: attacks.idlg(k, tiny["model"].apply, p, g, SHAPE, config=cfg), static_argnums=1)
+    key = jax.random.PRNGKey(3)
+    hopeless = _few_steps(4, give_up=(0, 1e-5))  # every loss after one step is far above 1e-5
+    tries = [run(k, hopeless) for k in (key, jax.random.fold_in(key, 1), jax.random.fold_in(key, 2))]
+    assert all(int(t.steps) == 1 and bool(attacks.gave_up(t, hopeless)) for t in tries)
+    res = run(key, dataclasses.replace(hopeless, retries=2))
+    assert bool(attacks.gave_up(res, hopeless)) and int(res.evals) == sum(int(t.evals) for t in tries)
+    np.testing.assert_array_equal(res.x, tries[2].x)
+    assert not np.array_equal(tries[1].x, tries[2].x)
+    lenient = _few_steps(4, give_up=(0, 1e6))
+    np.testing.assert_array_equal(run(key, dataclasses.replace(lenient, retries=2)).x, run(key, lenient).x)
+
+
+def test_retries_under_vmap_equal_the_loop(tiny):
+    """One victim retried (its loss after step 1 above the rule's), the other not: the vmap driver (victim axis)
+    and the loop give the same tries, evaluations and results."""
+    probe = attacks.attack_victims("idlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"], tiny["grads"],
+                                   SHAPE, config=_few_steps(2, stop_loss=0.0), strategy="loop")
+    lo, hi = sorted(probe["loss_history"][:, 0])
+    cfg = _few_steps(3, stop_loss=0.0, give_up=(0, float(np.sqrt(lo * hi))), retries=1)
+    out = {s: attacks.attack_victims("idlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"], tiny["grads"],
+                                     SHAPE, config=cfg, strategy=s) for s in ("loop", "vmap")}
+    high = int(np.argmax(probe["loss_history"][:, 0]))
+    first = _few_steps(3, stop_loss=0.0, give_up=cfg.give_up)  # the same rule without the retry
+    plain = attacks.attack_victims("idlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"], tiny["grads"],
+                                   SHAPE, config=first, strategy="loop")
+    assert out["loop"]["evals"][high] > plain["evals"][high]  # a second try ran
+    np.testing.assert_array_equal(out["loop"]["evals"][1 - high], plain["evals"][1 - high])  # no second try
+    np.testing.assert_array_equal(out["loop"]["evals"], out["vmap"]["evals"])
+    np.testing.assert_array_equal(out["loop"]["steps"], out["vmap"]["steps"])
+    np.testing.assert_allclose(out["loop"]["reconstruction"], out["vmap"]["reconstruction"], rtol=1e-4, atol=1e-4)
+    named = dataclasses.replace(cfg, victim_axis="v")  # the retry loop, like the optimiser's, is not batched
+    fn = jax.vmap(lambda k, p, g: attacks.idlg(k, tiny["model"].apply, p, g, SHAPE, config=named), axis_name="v")
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    assert _batched_while_predicates(jax.make_jaxpr(fn)(keys, tiny["params"], tiny["grads"]).jaxpr) == 0
+
+
 def test_gave_up_is_not_a_converged_run(tiny):
     """A run stopped by stop_loss is never reported as given up, though give_up is set."""
     p, g = tiny["take"](tiny["params"], 0), tiny["take"](tiny["grads"], 0)
@@ -424,6 +465,9 @@ def test_bad_lbfgs_milestones():
     for bad in [(300, 1.0), (-1, 1.0), (10, 1e-7), (10,), (10, float("nan"))]:
         with pytest.raises(ValueError, match="give_up must be \\(step, loss\\)"):
             attacks.AttackConfig(give_up=bad)
+    for bad in [dict(retries=1), dict(retries=-1, give_up=(10, 1.0))]:
+        with pytest.raises(ValueError, match="retries must be >= 0 and needs give_up"):
+            attacks.AttackConfig(**bad)
 
 
 @pytest.mark.parametrize("config", [
