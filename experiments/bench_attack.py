@@ -241,6 +241,8 @@ def main(argv=None) -> int:
                    help="also run each config with AttackConfig.give_up=(STEP, LOSS) (named CONFIG+give_up): victims whose "
                         "loss is still at or above LOSS at a check from outer step STEP on are abandoned; same victims and "
                         "starts (the reference runs its own protocol, without it)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="with --give-up: start an abandoned victim again from a fresh start, up to this many times")
     p.add_argument("--steps", type=int, default=None,
                    help="outer steps per victim for jaxleak and the reference (default: each config's own, paper 300, optax 3000; "
                         "the reference always runs the paper's 300 unless this is given)")
@@ -266,10 +268,13 @@ def main(argv=None) -> int:
 
     configs = {name: CONFIGS[name] if args.steps is None else dataclasses.replace(CONFIGS[name], steps=args.steps)
                for name in args.configs}
+    if args.retries and args.give_up is None:
+        p.error("--retries needs --give-up (it retries the victims the rule abandons)")
     if args.give_up is not None:
         rule = (int(args.give_up[0]), args.give_up[1])
         try:
-            configs.update({f"{name}+give_up": dataclasses.replace(c, give_up=rule) for name, c in list(configs.items())})
+            configs.update({f"{name}+give_up": dataclasses.replace(c, give_up=rule, retries=args.retries)
+                            for name, c in list(configs.items())})
         except ValueError as e:
             p.error(f"--give-up: {e}")
     torch_steps = attacks.PAPER.steps if args.steps is None else args.steps

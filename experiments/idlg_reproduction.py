@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--give-up", type=float, nargs=2, default=None, metavar=("STEP", "LOSS"),
                    help="AttackConfig.give_up=(STEP, LOSS): abandon DLG/iDLG runs whose loss is still at or above LOSS at "
                         "a check from outer step STEP on (not the paper's protocol; experiments/give_up_study.py picks one)")
+    p.add_argument("--retries", type=int, default=0,
+                   help="with --give-up: start an abandoned run again from a fresh start, up to this many times (AttackConfig.retries)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
                         "256 on GPU); a chunk is the unit of resume")
     p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
@@ -239,9 +241,11 @@ def main(argv=None) -> int:
     config = CONFIGS[args.config]
     if args.steps is not None:
         config = dataclasses.replace(config, steps=args.steps)
+    if args.retries and args.give_up is None:
+        p.error("--retries needs --give-up (it retries the runs the rule abandons)")
     if args.give_up is not None:
         try:
-            config = dataclasses.replace(config, give_up=(int(args.give_up[0]), args.give_up[1]))
+            config = dataclasses.replace(config, give_up=(int(args.give_up[0]), args.give_up[1]), retries=args.retries)
         except ValueError as e:
             p.error(f"--give-up: {e}")
     args.out.mkdir(parents=True, exist_ok=True)

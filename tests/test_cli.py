@@ -170,10 +170,10 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
     assert code != 0 and "config.steps" in err
     # --give-up: recorded per victim and counted; every loss after step 1 is above 1e-5, so every run gives up there.
     res, _ = _run_json(capsys, "reproduce", "idlg", "--dataset", "mnist", "--victims", "1", "--chunk", "1", "--steps", "3",
-                       "--give-up", "0", "1e-5", "--json", "--quiet", "--out", str(tmp_path / "give_up"))
+                       "--give-up", "0", "1e-5", "--retries", "1", "--json", "--quiet", "--out", str(tmp_path / "give_up"))
     assert res["summary"]["methods"]["idlg"]["gave_up"] == 1 and res["summary"]["methods"]["dlg"]["gave_up"] == 1
     row = json.loads((tmp_path / "give_up" / "victims.jsonl").read_text())
-    assert row["idlg"]["gave_up"] and row["idlg"]["steps"] == 1
+    assert row["idlg"]["gave_up"] and row["idlg"]["steps"] == 1  # (its second try too)
 
 
 def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_path):
@@ -264,6 +264,9 @@ def test_bench_attack_give_up_runs_both_arms(npz_env, monkeypatch, capsys):
     with pytest.raises(SystemExit):  # the rule's step must fall inside the run
         bench_attack.main(["--victims", "1", "--torch-victims", "0", "--steps", "3", "--give-up", "3", "1.0"])
     assert "--give-up: give_up must be (step, loss)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench_attack.main(["--victims", "1", "--torch-victims", "0", "--steps", "3", "--retries", "1"])
+    assert "--retries needs --give-up" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("check_every", [1, 2])
