@@ -97,8 +97,8 @@ class AttackConfig:
       stop_loss, check_every: stop a victim when its matching loss is below
         ``stop_loss``, tested every ``check_every`` steps (iDLG: 1e-6 every 10).
       give_up: ``(step, loss)``: abandon a victim whose matching loss is still at or above
-        ``loss`` at a check (the same every ``check_every`` steps) after outer step ``step``
-        or later, as a hopeless run: it stops like a converged one, with ``steps < config.steps``
+        ``loss`` at a check (every ``check_every`` steps, as for ``stop_loss``) after outer
+        step ``step`` or later, as a hopeless run: it stops like a converged one, with ``steps < config.steps``
         and its loss above ``stop_loss`` (:func:`gave_up`). Not in the papers; ``None`` (default):
         every victim runs until it converges or ``steps`` are spent.
       retries: with ``give_up``, start an abandoned victim again from a fresh random start
@@ -443,7 +443,7 @@ def _objective(apply_fn, variables, target_grads, config: AttackConfig, label: O
 
 
 def gave_up(result: AttackResult, config: AttackConfig) -> Array:
-    """Whether ``config.give_up`` abandoned the run: it stopped before ``config.steps`` without its loss below ``stop_loss``.
+    """Whether ``config.give_up`` abandoned the run: stopped before ``config.steps``, its loss not below ``stop_loss``.
 
     Reads the loss the stopping check saw (``result.loss_history[steps - 1]``), so a run that
     converged is never counted, whatever the rounding of the final ``result.loss``. Always
@@ -476,7 +476,7 @@ def keep_best(result: AttackResult, snapshot_every: int) -> tuple[Array, Array]:
 
 
 def _with_retries(run_one: Callable[..., tuple], config: AttackConfig) -> Callable[[Array], tuple]:
-    """``run_one`` tried again from a fresh start while ``config.give_up`` abandons it, ``config.retries`` times at most."""
+    """``run_one`` tried again from a fresh start while ``config.give_up`` abandons it, at most ``config.retries`` times."""
     if not config.retries:
         return run_one
 
@@ -735,7 +735,8 @@ def attack_victims(
     Returns:
       numpy arrays with a leading V axis: ``reconstruction``, ``label`` (K,),
       ``label_index``, ``loss``, ``loss_history``, ``steps``, ``evals``,
-      ``snapshots``, ``gave_up`` (:func:`gave_up`: abandoned by ``config.give_up``) and, with ``x_true``, ``mse``, ``psnr``, ``ssim``.
+      ``snapshots``, ``gave_up`` (:func:`gave_up`: abandoned by ``config.give_up``) and, with
+      ``x_true``, ``mse``, ``psnr``, ``ssim``.
     """
     fn = ATTACKS[attack] if isinstance(attack, str) else attack
     n = jax.tree_util.tree_leaves(target_grads)[0].shape[0]
