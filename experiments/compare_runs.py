@@ -35,13 +35,15 @@ def read_victims(run: pathlib.Path) -> dict[int, dict]:
     return {r["victim"]: r for r in rows}
 
 
-def compare(a: dict[int, dict], b: dict[int, dict], dataset: str, threshold: float = 1e-4) -> dict:
-    """Both runs' summaries on their common victims, and per method the victims below ``threshold`` in one only.
+def compare(a: dict[int, dict], b: dict[int, dict], dataset: str, threshold: float = 1e-4,
+            victims: range | None = None) -> dict:
+    """Both runs' summaries on their common victims (those in ``victims`` only, if given), and per method the
+    victims below ``threshold`` in one only.
 
     Victims present in both must have the same true label (the same protocol); otherwise the runs attacked
     different images and the comparison would be meaningless.
     """
-    common = sorted(a.keys() & b.keys())
+    common = sorted(v for v in a.keys() & b.keys() if victims is None or v in victims)
     clash = [v for v in common if a[v]["label"] != b[v]["label"]]
     if clash:
         raise ValueError(f"compare_runs: the runs disagree on the true label of victims {clash[:5]}: "
@@ -67,10 +69,13 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default="lfw", choices=("mnist", "cifar100", "lfw"),
                    help="the protocol's dataset (only names the paper's row; default lfw)")
     p.add_argument("--threshold", type=float, default=1e-4, help="MSE below which a victim counts as recovered")
+    p.add_argument("--victims", type=int, nargs=2, default=None, metavar=("FIRST", "END"),
+                   help="compare victims FIRST..END-1 only (say, those not used to choose a give_up rule)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     try:
-        res = compare(read_victims(args.a), read_victims(args.b), args.dataset, args.threshold)
+        res = compare(read_victims(args.a), read_victims(args.b), args.dataset, args.threshold,
+                      None if args.victims is None else range(*args.victims))
     except (FileNotFoundError, ValueError) as e:
         print(e, file=sys.stderr)
         return 2

@@ -236,6 +236,9 @@ def test_compare_runs_counts_only_the_common_victims(monkeypatch, tmp_path, caps
     assert res["only"] == {"dlg": {"a": 0, "b": 1}, "idlg": {"a": 1, "b": 0}}
     assert compare_runs.main([str(a), str(b), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["only"] == res["only"]
+    assert compare_runs.main([str(a), str(b), "--json", "--victims", "1", "9"]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert one["victims"] == 1 and one["only"] == {"dlg": {"a": 0, "b": 1}, "idlg": {"a": 0, "b": 0}}
     write(tmp_path / "c", [rec(0, 9, 1e-5, 1e-5)])  # victim 0 with another true label: another protocol
     assert compare_runs.main([str(a), str(tmp_path / "c")]) == 2
     assert "disagree on the true label of victims [0]" in capsys.readouterr().err
