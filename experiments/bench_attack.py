@@ -26,7 +26,8 @@ Configs: ``paper`` is the reference's own protocol (PyTorch L-BFGS semantics,
 lr 1, 300 outer steps): the ratio to the reference then measures the engine
 alone. ``optax`` is jaxleak's best default (optax L-BFGS with zoom line search,
 up to 3,000 steps): same attack, same victims, same stop rule, a better
-optimiser.
+optimiser. ``retries`` is ``paper`` plus giving up a run still at loss >= 1 after
+step 80 and retrying it from a fresh start, twice at most (``attacks.PAPER_RETRIES``).
 
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 1 8 --torch-victims 2 --out bench.json
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 8 --torch-victims 4 --torch-workers 1 2
@@ -65,7 +66,7 @@ from jaxleak.cli import ScriptOutput, add_output_flags
 
 SUCCESS_MSE = 1e-3
 #: The iDLG attack's optimiser: the reference's protocol, or jaxleak's best default (idlg_reproduction's configs).
-CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS}
+CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES}
 
 
 def make_victims(data: pathlib.Path, n: int, seed: int):
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--heads", nargs="+", default=["auto"], choices=models.HEADS,
                    help="LeNet's head (models.LeNet head=): auto (the backend's default), dense, blocked")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),
-                   help="jaxleak's optimiser: paper (PyTorch L-BFGS semantics, the reference's) and/or optax (best default)")
+                   help="jaxleak's optimiser: paper (PyTorch L-BFGS semantics, the reference's), optax (optax L-BFGS with "
+                        "line search) and/or retries (paper plus giving up hopeless runs and retrying them)")
     p.add_argument("--give-up", type=float, nargs=2, default=None, metavar=("STEP", "LOSS"),
                    help="also run each config with AttackConfig.give_up=(STEP, LOSS) (named CONFIG+give_up): victims whose "
                         "loss is still at or above LOSS at a check from outer step STEP on are abandoned; same victims and "
@@ -266,17 +268,17 @@ def main(argv=None) -> int:
     if not (data_dir / "cifar100_subset.npz").is_file():
         p.error(f"cifar100_subset.npz not found in {data_dir}: pass --data or set JAXLEAK_DATA")
 
-    configs = {name: CONFIGS[name] if args.steps is None else dataclasses.replace(CONFIGS[name], steps=args.steps)
-               for name in args.configs}
     if args.retries and args.give_up is None:
         p.error("--retries needs --give-up (it retries the victims the rule abandons)")
-    if args.give_up is not None:
-        rule = (int(args.give_up[0]), args.give_up[1])
-        try:
+    try:
+        configs = {name: CONFIGS[name] if args.steps is None else dataclasses.replace(CONFIGS[name], steps=args.steps)
+                   for name in args.configs}
+        if args.give_up is not None:
+            rule = (int(args.give_up[0]), args.give_up[1])
             configs.update({f"{name}+give_up": dataclasses.replace(c, give_up=rule, retries=args.retries)
                             for name, c in list(configs.items())})
-        except ValueError as e:
-            p.error(f"--give-up: {e}")
+    except ValueError as e:
+        p.error(f"--steps/--give-up: {e}")
     torch_steps = attacks.PAPER.steps if args.steps is None else args.steps
     backend = jax.default_backend()
     rows, ratios = [], []

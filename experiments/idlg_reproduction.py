@@ -55,7 +55,7 @@ PAPER = {
     "lfw": {"dlg": (79.1, [52.2, 51.8, 51.4, 51.3, 47.4]), "idlg": (100.0, [91.5, 91.1, 91.0, 90.9, 83.1])},
 }
 
-CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS}
+CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES}
 
 
 def load_images(data_dir: pathlib.Path, dataset: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -209,7 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the images, networks and starts")
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper",
-                   help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps")
+                   help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps; "
+                        "retries: paper plus giving up hopeless runs and retrying them (attacks.PAPER_RETRIES)")
     p.add_argument("--head", choices=models.HEADS, default="auto",
                    help="LeNet's head: blocked (the logits summed in blocks for float32 accuracy, models.BlockedDense), "
                         "dense (nn.Dense: the CPU records in docs/results were made with it) or auto (blocked on CPU)")
@@ -217,8 +218,9 @@ def main(argv=None) -> int:
     p.add_argument("--give-up", type=float, nargs=2, default=None, metavar=("STEP", "LOSS"),
                    help="AttackConfig.give_up=(STEP, LOSS): abandon DLG/iDLG runs whose loss is still at or above LOSS at "
                         "a check from outer step STEP on (not the paper's protocol; experiments/give_up_study.py picks one)")
-    p.add_argument("--retries", type=int, default=0,
-                   help="with --give-up: start an abandoned run again from a fresh start, up to this many times (AttackConfig.retries)")
+    p.add_argument("--retries", type=int, default=None,
+                   help="start a run the give-up rule abandons again from a fresh start, up to this many times "
+                        "(AttackConfig.retries; needs --give-up or --config retries)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
                         "256 on GPU); a chunk is the unit of resume")
     p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
@@ -239,15 +241,13 @@ def main(argv=None) -> int:
     chunk = args.chunk or (256 if backend != "cpu" else 16 if strategy == "processes" else 4)
     head = models.head_layer(args.head)
     config = CONFIGS[args.config]
-    if args.steps is not None:
-        config = dataclasses.replace(config, steps=args.steps)
-    if args.retries and args.give_up is None:
-        p.error("--retries needs --give-up (it retries the runs the rule abandons)")
-    if args.give_up is not None:
-        try:
-            config = dataclasses.replace(config, give_up=(int(args.give_up[0]), args.give_up[1]), retries=args.retries)
-        except ValueError as e:
-            p.error(f"--give-up: {e}")
+    overrides = {} if args.steps is None else {"steps": args.steps}
+    overrides |= {} if args.give_up is None else {"give_up": (int(args.give_up[0]), args.give_up[1])}
+    overrides |= {} if args.retries is None else {"retries": args.retries}
+    try:
+        config = dataclasses.replace(config, **overrides)
+    except ValueError as e:
+        p.error(f"--steps/--give-up/--retries: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "victims.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []

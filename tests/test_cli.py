@@ -176,6 +176,19 @@ def test_reproduce_idlg_json(npz_env, tmp_path, capsys):
     assert row["idlg"]["gave_up"] and row["idlg"]["steps"] == 1  # (its second try too)
 
 
+def test_idlg_reproduction_retries_need_a_give_up_rule(npz_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import idlg_reproduction as repro
+
+    with pytest.raises(SystemExit):
+        repro.main(["--dataset", "mnist", "--out", str(tmp_path), "--retries", "1"])
+    assert "--steps/--give-up/--retries: retries must be >= 0 and needs give_up" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the rule's step must fall inside the run
+        repro.main(["--dataset", "mnist", "--out", str(tmp_path), "--config", "retries", "--steps", "50"])
+    assert "give_up must be (step, loss) with 0 <= step < steps (50)" in capsys.readouterr().err
+    assert not (tmp_path / "victims.jsonl").exists()
+
+
 def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
     import idlg_reproduction as repro
@@ -266,7 +279,10 @@ def test_bench_attack_give_up_runs_both_arms(npz_env, monkeypatch, capsys):
 
     with pytest.raises(SystemExit):  # the rule's step must fall inside the run
         bench_attack.main(["--victims", "1", "--torch-victims", "0", "--steps", "3", "--give-up", "3", "1.0"])
-    assert "--give-up: give_up must be (step, loss)" in capsys.readouterr().err
+    assert "--steps/--give-up: give_up must be (step, loss)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # the named config's rule too
+        bench_attack.main(["--victims", "1", "--torch-victims", "0", "--steps", "50", "--configs", "retries"])
+    assert "give_up must be (step, loss) with 0 <= step < steps (50)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench_attack.main(["--victims", "1", "--torch-victims", "0", "--steps", "3", "--retries", "1"])
     assert "--retries needs --give-up" in capsys.readouterr().err
