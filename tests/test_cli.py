@@ -330,6 +330,35 @@ def test_give_up_study_runs_resumes_and_refuses_another_protocol(npz_env, monkey
         give_up_study.main(argv + ["--seed", "1"])
 
 
+def test_bench_attack_pairs_the_reference_with_a_first_try_start(npz_env, monkeypatch, capsys):
+    """With a retries config first, the reference starts where the first config without retries started:
+    a retried victim's first snapshot is its last try's start, not the start both solve from."""
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import bench_attack
+
+    def fake_jax(model, params, grads, x, strategy, config, seed, flops):
+        mark = 1.0 if config.retries else 2.0
+        return bench_attack._summary("jaxleak", len(x), 1.0, np.zeros(len(x)), np.ones(len(x)), strategy=strategy,
+                                     compile_s=0.0, starts=np.full(x.shape, mark))
+
+    seen = []
+
+    def fake_torch(params, x, y_int, n, seed, steps, workers, starts):
+        seen.append(float(np.unique(starts)[0]))
+        return bench_attack._summary("torch", n, 1.0, np.zeros(n), np.ones(n), torch_threads=1, torch_workers=workers,
+                                     start="jaxleak")
+
+    monkeypatch.setattr(bench_attack, "bench_jax", fake_jax)
+    monkeypatch.setattr(bench_attack, "bench_torch", fake_torch)
+    monkeypatch.setattr(bench_attack, "flops_per_evaluation", lambda *a: 0.0)
+    base = ["--victims", "2", "--torch-victims", "2", "--quiet", "--json"]
+    assert bench_attack.main(base + ["--configs", "paper", "retries"]) == 0
+    assert bench_attack.main(base + ["--configs", "retries", "paper"]) == 0
+    assert bench_attack.main(base + ["--configs", "retries"]) == 0  # no config without retries: the first one's
+    assert seen == [2.0, 2.0, 1.0]
+    capsys.readouterr()
+
+
 def test_bench_attack_processes_warm_and_cold(npz_env, tmp_path, capsys):
     # "processes" starts its pool and compiles before the clock (a warm-up victim per worker, timed as
     # compile_s), "processes-cold" inside it; the same victims give the same results either way.
