@@ -24,6 +24,19 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 from jaxleak import models, victims  # noqa: E402  (after the cache is configured: importing may compile)
 
 
+@pytest.fixture(autouse=True)
+def _restore_xla_flags():
+    """Undo a test's change to ``XLA_FLAGS``: importing an experiment script adds its host device count
+    (``experiments/_xla.py``). The backend here is already up, so the change would only alter the
+    compilation-cache keys of every later test in this process, to a configuration it does not have."""
+    saved = os.environ.get("XLA_FLAGS")
+    yield
+    if saved is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = saved
+
+
 def shared_data_dir() -> pathlib.Path | None:
     """The folder holding the real ``.npz`` subsets (``$JAXLEAK_DATA``, else ``<repo>/../shared/data``)."""
     path = pathlib.Path(os.environ.get("JAXLEAK_DATA", REPO.parent / "shared" / "data"))
