@@ -16,20 +16,6 @@ from hypothesis import strategies as st
 from jaxleak import labels, models, recovery, victims
 from jaxleak.recovery import _core as recovery_core
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _no_persistent_cache():
-    """The persistent compilation cache off for this module: in the full suite (not in this module alone) XLA
-    segfaulted serialising and deserialising the paper search's executable (2026-12-06, jax 0.10.2), from an
-    empty cache and from a warm one. A workaround: the trigger in the earlier tests is not found yet."""
-    from jax._src import compilation_cache  # jax memoises whether the cache is used: reset it on each switch
-
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()
-    yield
-    jax.config.update("jax_enable_compilation_cache", True)
-    compilation_cache.reset_cache()
-
 D = 32  # feature size of the synthetic last layers (zero-padding d changes nothing, so keep it small)
 
 
