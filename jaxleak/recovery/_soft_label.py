@@ -32,7 +32,7 @@ def _one(G, W, b, db, kind, search, cfg) -> SoftLabel:
     return _paper_traced(G, W, b, kind, cfg)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=128)
 def _compiled(name: str, kind: str, search: str, cfg, axes: Optional[tuple]):
     """jit(fn) or jit(vmap(fn, in_axes=axes)) for one static configuration."""
     if name == "one":
