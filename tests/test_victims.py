@@ -1,5 +1,7 @@
 """Victims: the shared gradient of one example and of many (vmap, loop, chunks, per-victim models)."""
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -170,7 +172,7 @@ def test_init_victims_with_explicit_keys_is_chunking_invariant():
         jl.init_victims(jl.LeNet(K), keys[:3], 4, SHAPE, init="uniform")
 
 
-@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="counts memory mappings through Linux's /proc")
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts memory mappings through Linux's /proc")
 def test_clear_caches_releases_compiled_programs(lenet, batch):
     """Each CPU executable holds memory mappings; a process may hold 65,530. clear_caches must give them back."""
     maps = lambda: sum(1 for _ in open("/proc/self/maps"))
