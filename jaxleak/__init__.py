@@ -19,32 +19,7 @@ from jaxleak.victims import cross_entropy, gradient, gradients, init_victims, ma
 
 __version__ = "0.1.0"
 
-
-def clear_caches() -> None:
-    """Drop every compiled program this process holds: JAX's (``jax.clear_caches``) and jaxleak's own
-    per-configuration caches of jitted functions (the victim driver, the attack loops, the soft-label search).
-
-    Each CPU executable keeps its machine code in its own memory mappings, and Linux allows a process
-    65,530 of them (``vm.max_map_count``): a long session that compiles many distinct programs (a test
-    suite, a sweep over models and configurations) dies with a segmentation fault inside XLA's compiler
-    when it reaches that limit. Call this between such stages; later calls recompile, or reload from
-    the persistent compilation cache.
-    """
-    import gc
-
-    import jax
-
-    from jaxleak.attacks import _one_victim
-    from jaxleak.recovery._soft_label import _compiled as _soft_label_compiled
-
-    for cached in (victims._compiled, victims._gradient_of, _one_victim, _soft_label_compiled):
-        cached.cache_clear()
-    jax.clear_caches()
-    gc.collect()
-
-
 __all__ = [
-    "clear_caches",
     "attacks", "data", "inversion", "labels", "lbfgs", "metrics", "models", "objectives", "processes", "recovery", "report", "train",
     "victims",
     "attack_victims", "dlg", "given_label", "idlg", "inverting_gradients",

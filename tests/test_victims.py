@@ -173,21 +173,22 @@ def test_init_victims_with_explicit_keys_is_chunking_invariant():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="counts memory mappings through Linux's /proc")
-def test_clear_caches_releases_compiled_programs(lenet, batch):
-    """Each CPU executable holds memory mappings; a process may hold 65,530. clear_caches must give them back."""
+def test_jax_clear_caches_releases_the_programs_jaxleak_compiled():
+    """Each CPU executable holds memory mappings and a process may hold 65,530 (the suite hit it). jaxleak's
+    caches keep jitted wrappers only, so ``jax.clear_caches`` must give back every program it compiled."""
     maps = lambda: sum(1 for _ in open("/proc/self/maps"))
-    model, v = lenet
-    xs, labels = batch
-    jl.gradients(model.apply, v, xs, jl.one_hot(labels, K), strategy="vmap")
-    assert victims._compiled.cache_info().currsize > 0
-    kept = [jax.jit(lambda x, i=i: jnp.sin(x) * i + jnp.cumsum(x)) for i in range(30)]
-    for i, f in enumerate(kept):
-        f(jnp.ones(i + 3)).block_until_ready()
+    model = jl.LeNet(K)
+    cases = []
+    for side in (10, 12, 14):
+        v = model.init(jax.random.PRNGKey(0), jnp.zeros((1, side, side, 3)))
+        xs = jax.random.uniform(jax.random.PRNGKey(side), (3, side, side, 3))
+        cases.append((v, xs, jl.one_hot(jnp.arange(3), K)))
+    gradients = lambda: [jl.gradients(model.apply, v, xs, ys, strategy=s) for v, xs, ys in cases for s in ("vmap", "loop")]
+    gradients()
+    assert victims._compiled.cache_info().currsize > 0  # the wrappers stay cached
     before = maps()
-    jl.clear_caches()
-    assert victims._compiled.cache_info().currsize == 0
-    assert all(f._cache_size() == 0 for f in kept)
-    assert maps() < before - 100  # measured: about 15 mappings per program
+    jax.clear_caches()
+    assert maps() < before - 100  # measured: about 2,500 for these six programs and their helpers
     # and everything still works afterwards
-    got = jl.gradients(model.apply, v, xs, jl.one_hot(labels, K), strategy="vmap")
-    chex.assert_trees_all_close(got, _loop(model, v, xs, jl.one_hot(labels, K), False), rtol=1e-4, atol=1e-6)
+    for (v, xs, ys), got in zip(cases, gradients()[::2]):
+        chex.assert_trees_all_close(got, _loop(model, v, xs, ys, False), rtol=1e-4, atol=1e-6)
