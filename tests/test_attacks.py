@@ -152,6 +152,52 @@ def test_gave_up_is_not_a_converged_run(tiny):
     assert not bool(attacks.gave_up(res, attacks.PAPER))  # no give_up: never
 
 
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_stall_stops_the_victim_that_stopped_improving(tiny, strategy):
+    """AttackConfig.stall=(c, r), checked every step: at the check after step 1 the victim whose loss fell by less
+    than 1/r since step 0 stops, reported by stalled (not gave_up, so retries leave it alone), with a plain 2-step
+    run's iterate; the other runs on. With c below every loss nothing stops."""
+    run = lambda cfg: attacks.attack_victims("idlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"],
+                                             tiny["grads"], SHAPE, config=cfg, strategy=strategy)
+    plain = run(_few_steps(4, stop_loss=0.0, check_every=1))
+    hist = plain["loss_history"]
+    fall = hist[:, 1] / hist[:, 0]
+    slow, fast = int(np.argmax(fall)), int(np.argmin(fall))
+    assert fall[slow] > fall[fast]
+    ceiling = 10 * float(np.max(hist))
+    rule = dict(stop_loss=0.0, check_every=1, stall=(ceiling, float(np.sqrt(fall[0] * fall[1]))))
+    res = run(_few_steps(4, give_up=(0, 10 * ceiling), retries=1, **rule))
+    assert res["steps"][slow] == 2 and res["stalled"][slow] and not res["gave_up"][slow]
+    np.testing.assert_array_equal(res["evals"], run(_few_steps(4, **rule))["evals"])  # one try: not retried
+    np.testing.assert_array_equal(res["loss_history"][slow, :2], hist[slow, :2])
+    two = run(_few_steps(2, stop_loss=0.0))
+    np.testing.assert_allclose(res["reconstruction"][slow], two["reconstruction"][slow], rtol=1e-6, atol=1e-6)
+    assert res["steps"][fast] > 2 and not res["gave_up"].any()
+    np.testing.assert_array_equal(res["loss_history"][fast, :3], hist[fast, :3])
+    low = run(_few_steps(4, **{**rule, "stall": (0.5 * float(np.nanmin(hist)), rule["stall"][1])}))
+    np.testing.assert_array_equal(low["steps"], [4, 4])
+    assert not low["stalled"].any() and not plain["stalled"].any()
+    np.testing.assert_array_equal(low["reconstruction"], plain["reconstruction"])
+
+
+def test_stalled_and_gave_up_read_the_checked_loss(tiny):
+    """stalled/gave_up on a one-victim result and on a stacked one: which rule's range the loss the last check saw
+    lies in, for runs that stopped before config.steps only."""
+    cfg = dataclasses.replace(attacks.PAPER, give_up=(100, 1.0), stall=(1e-4, 0.5))
+    hist = jnp.full((cfg.steps,), jnp.nan).at[:40].set(3e-5)
+    one = attacks.AttackResult(None, None, None, hist, jnp.asarray(40), None, None)
+    assert bool(attacks.stalled(one, cfg)) and not bool(attacks.gave_up(one, cfg))
+    for loss, steps, expect in [(5e-7, 40, (False, False)), (2.0, 40, (False, True)), (jnp.nan, 40, (False, True)),
+                                (3e-5, cfg.steps, (False, False)), (0.5, 40, (False, False))]:
+        r = one._replace(loss_history=hist.at[steps - 1].set(loss), steps=jnp.asarray(steps))
+        assert (bool(attacks.stalled(r, cfg)), bool(attacks.gave_up(r, cfg))) == expect, (loss, steps)
+    stacked = attacks.AttackResult(None, None, None, jnp.stack([hist, hist.at[39].set(2.0)]), jnp.asarray([40, 40]),
+                                   None, None)
+    np.testing.assert_array_equal(attacks.stalled(stacked, cfg), [True, False])
+    np.testing.assert_array_equal(attacks.gave_up(stacked, cfg), [False, True])
+    assert not bool(attacks.stalled(one, attacks.PAPER)) and not bool(attacks.gave_up(one, attacks.PAPER))
+
+
 def _batched_while_predicates(jaxpr) -> int:
     """``while`` loops, in a jaxpr and all its sub-jaxprs, whose predicate is an array (batched by vmap).
 
@@ -468,6 +514,11 @@ def test_bad_lbfgs_milestones():
     for bad in [dict(retries=1), dict(retries=-1, give_up=(10, 1.0))]:
         with pytest.raises(ValueError, match="retries must be >= 0 and needs give_up"):
             attacks.AttackConfig(**bad)
+    for bad in [(1e-7, 0.5), (1e-4, 0.0), (1e-4, 1.5), (1e-4,), (float("nan"), 0.5)]:
+        with pytest.raises(ValueError, match="stall must be \\(loss, ratio\\)"):
+            attacks.AttackConfig(stall=bad)
+    with pytest.raises(ValueError, match="must not exceed give_up's"):
+        attacks.AttackConfig(stall=(2.0, 0.5), give_up=(80, 1.0))
 
 
 @pytest.mark.parametrize("config", [
