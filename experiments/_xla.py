@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import platform
 import sys
 
 
@@ -25,3 +26,19 @@ def default_data_dir() -> pathlib.Path:
     """``$JAXLEAK_DATA``, else ``../shared/data`` beside this checkout."""
     env = os.environ.get("JAXLEAK_DATA")
     return pathlib.Path(env) if env else pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def machine() -> dict:
+    """The CPU a benchmark ran on (``/proc/cpuinfo``'s model name, family and model where there is one) and its
+    usable cores: speed ratios are taken within one run, but they differ from one CPU to another."""
+    info = {}
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key in ("model name", "cpu family", "model") and key not in info:
+                info[key] = value
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family": info.get("cpu family"), "cpu_model": info.get("model"), "cores": cores}

@@ -27,7 +27,10 @@ lr 1, 300 outer steps): the ratio to the reference then measures the engine
 alone. ``optax`` is jaxleak's best default (optax L-BFGS with zoom line search,
 up to 3,000 steps): same attack, same victims, same stop rule, a better
 optimiser. ``retries`` is ``paper`` plus giving up a run still at loss >= 1 after
-step 80 and retrying it from a fresh start, twice at most (``attacks.PAPER_RETRIES``).
+step 80 and retrying it from a fresh start, twice at most (``attacks.PAPER_RETRIES``);
+``retries_stall`` adds stopping a run near the match (loss < 1e-5) that stopped improving
+(``attacks.PAPER_RETRIES_STALL``). The successful victims/s ratio of those two compares
+jaxleak's best defaults with the reference's protocol; ``paper``'s compares the engines.
 
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 1 8 --torch-victims 2 --out bench.json
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 8 --torch-victims 4 --torch-workers 1 2
@@ -53,7 +56,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-from _xla import cpu_devices_flag, default_data_dir  # noqa: E402  (sets XLA_FLAGS before jax is imported)
+from _xla import cpu_devices_flag, default_data_dir, machine  # noqa: E402  (sets XLA_FLAGS before jax is imported)
 
 cpu_devices_flag()
 
@@ -66,7 +69,8 @@ from jaxleak.cli import ScriptOutput, add_output_flags
 
 SUCCESS_MSE = 1e-3
 #: The iDLG attack's optimiser: the reference's protocol, or jaxleak's best default (idlg_reproduction's configs).
-CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES}
+CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES,
+           "retries_stall": attacks.PAPER_RETRIES_STALL}
 
 
 def make_victims(data: pathlib.Path, n: int, seed: int):
@@ -238,13 +242,17 @@ def main(argv=None) -> int:
                    help="LeNet's head (models.LeNet head=): auto (the backend's default), dense, blocked")
     p.add_argument("--configs", nargs="+", default=["paper"], choices=sorted(CONFIGS),
                    help="jaxleak's optimiser: paper (PyTorch L-BFGS semantics, the reference's), optax (optax L-BFGS with "
-                        "line search) and/or retries (paper plus giving up hopeless runs and retrying them)")
+                        "line search), retries (paper plus giving up hopeless runs and retrying them) and/or retries_stall "
+                        "(retries plus stopping runs near the match that stopped improving)")
     p.add_argument("--give-up", type=float, nargs=2, default=None, metavar=("STEP", "LOSS"),
                    help="also run each config with AttackConfig.give_up=(STEP, LOSS) (named CONFIG+give_up): victims whose "
                         "loss is still at or above LOSS at a check from outer step STEP on are abandoned; same victims and "
                         "starts (the reference runs its own protocol, without it)")
     p.add_argument("--retries", type=int, default=0,
                    help="with --give-up: start an abandoned victim again from a fresh start, up to this many times")
+    p.add_argument("--stall", type=float, nargs=2, default=None, metavar=("LOSS", "RATIO"),
+                   help="also run each config (and each +give_up one) with AttackConfig.stall=(LOSS, RATIO) (named "
+                        "CONFIG+stall): victims near the match that stopped improving stop")
     p.add_argument("--steps", type=int, default=None,
                    help="outer steps per victim for jaxleak and the reference (default: each config's own, paper 300, optax 3000; "
                         "the reference always runs the paper's 300 unless this is given)")
@@ -278,8 +286,10 @@ def main(argv=None) -> int:
             rule = (int(args.give_up[0]), args.give_up[1])
             configs.update({f"{name}+give_up": dataclasses.replace(c, give_up=rule, retries=args.retries)
                             for name, c in list(configs.items())})
+        if args.stall is not None:
+            configs.update({f"{name}+stall": dataclasses.replace(c, stall=tuple(args.stall)) for name, c in list(configs.items())})
     except ValueError as e:
-        p.error(f"--steps/--give-up: {e}")
+        p.error(f"--steps/--give-up/--stall: {e}")
     torch_steps = attacks.PAPER.steps if args.steps is None else args.steps
     backend = jax.default_backend()
     rows, ratios = [], []
@@ -322,7 +332,7 @@ def main(argv=None) -> int:
         args.out.write_text(json.dumps(rows, indent=1))
         o.report(f"results: {args.out}")
     o.summary({"bench": "attack", "out": None if args.out is None else str(args.out), "steps": args.steps,
-               "configs": args.configs,
+               "configs": args.configs, "machine": machine(),
                "rows": [{k: val for k, val in r.items() if k != "mse"} for r in rows], "ratios": ratios})
     return 0
 

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
             m = res[run][method]
             print(f"{method:5s} {run.upper()}: label {100 * m['label_accuracy']:.1f} %, fidelity "
                   + " / ".join(f"{100 * v:.1f}" for v in m["fidelity"].values())
-                  + f", mean evals {m['mean_evals']:,.0f}, diverged {m['diverged']}, gave up {m['gave_up']}")
+                  + f", mean evals {m['mean_evals']:,.0f}, diverged {m['diverged']}, gave up {m['gave_up']}, stalled {m['stalled']}")
         only = res["only"][method]
         print(f"{method:5s} below {args.threshold:g} in A only: {only['a']}, in B only: {only['b']}")
     return 0

@@ -14,6 +14,12 @@ The histories are saved to ``OUT/histories.npz`` after each chunk (a rerun resum
 ``--victims`` at or below what is there, nothing runs and the saved histories are analysed.
 Choose a rule on one set of victims and check it on others (``bench_attack.py --give-up``
 runs it beside the plain protocol on the benchmark's own victims).
+
+It also scores the other early stop, ``AttackConfig.stall=(loss, ratio)`` (a run below ``loss``
+whose loss fell by less than ``1/ratio`` since the previous check stops): how many runs each
+candidate stops, the share of outer steps it saves, and how many victims would still end below
+each MSE threshold of the fidelity curve, read from the snapshots (``x'`` every 10 steps) one
+step before the iterate the rule would have returned.
 """
 from __future__ import annotations
 
@@ -33,11 +39,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from idlg_reproduction import DATA, load_images, run_chunk  # noqa: E402
-from jaxleak import attacks, models, processes  # noqa: E402
+from jaxleak import attacks, metrics, models, processes  # noqa: E402
 from jaxleak.cli import ScriptOutput, add_output_flags  # noqa: E402
 
 METHODS = ("dlg", "idlg")
-FIELDS = ("loss_history", "mse", "evals", "steps")
+FIELDS = ("loss_history", "mse", "evals", "steps", "snapshot_mse")
 
 
 def loss_at_checks(history: np.ndarray, steps: np.ndarray, check_every: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -63,6 +69,35 @@ def gives_up(history: np.ndarray, steps: np.ndarray, rule: tuple[int, float], ch
     return np.any(running & (at[None, :] >= rule[0]) & ~(loss < rule[1]), axis=1)
 
 
+def stalls(history: np.ndarray, steps: np.ndarray, rule: tuple[float, float], check_every: int = 10) -> np.ndarray:
+    """The outer steps each victim of a run without ``stall`` would have run under ``stall=rule``, ``(V,)`` int.
+
+    The engine's rule (``jaxleak.attacks``): at a check after step ``j >= check_every`` on a running
+    victim, a loss below ``rule[0]`` and not below ``rule[1]`` times the previous check's stops it
+    after ``j + 1`` steps. Victims it does not stop keep their ``steps``.
+    """
+    loss, running = loss_at_checks(history, steps, check_every)
+    with np.errstate(invalid="ignore"):
+        hit = running[:, 1:] & (loss[:, 1:] < rule[0]) & ~(loss[:, 1:] < rule[1] * loss[:, :-1])
+    first = np.argmax(hit, axis=1)
+    return np.where(hit.any(axis=1), (first + 1) * check_every + 1, steps)
+
+
+def stall_outcome(history, steps, evals, snapshot_mse, mse, rule, check_every=10, snapshot_every=10) -> dict:
+    """What ``stall=rule`` would have changed in a plain run: victims stopped, outer steps saved, and the MSE
+    they would have ended at, read from the snapshot one step before the stopped iterate
+    (``snapshot_mse[:, (stop - 1) // snapshot_every]``, exact up to that one step)."""
+    stop = stalls(history, steps, rule, check_every)
+    hit = stop < steps
+    slot = np.clip((stop - 1) // snapshot_every, 0, snapshot_mse.shape[1] - 1)
+    new_mse = np.where(hit, snapshot_mse[np.arange(len(stop)), slot], mse)
+    return {"stall": list(rule), "stops": int(hit.sum()), "steps_saved_share": float((steps - stop).sum() / steps.sum()),
+            "evals_saved_share_estimate": float(np.sum(evals * (steps - stop) / np.maximum(steps, 1)) / evals.sum()),
+            "fidelity": {str(t): int(np.sum(new_mse < t)) for t in metrics.FIDELITY_THRESHOLDS},
+            "fidelity_plain": {str(t): int(np.sum(mse < t)) for t in metrics.FIDELITY_THRESHOLDS},
+            "worst_ratio_to_plain_mse": float(np.max(new_mse[hit] / mse[hit])) if hit.any() else 1.0}
+
+
 def separation(history: np.ndarray, steps: np.ndarray, ok: np.ndarray, check_every: int = 10) -> list[dict]:
     """Per check: the lowest loss of a failed run and the highest of a successful one, among those running there."""
     loss, running = loss_at_checks(history, steps, check_every)
@@ -82,6 +117,9 @@ def collect(dataset: str, victims: int, out: pathlib.Path, seed: int, chunk: int
     if str(saved["protocol"]) != f"{dataset} seed {seed}":
         raise SystemExit(f"{path} holds {saved['protocol']}, not {dataset} seed {seed}: use another --out")
     done = len(saved["idlg_mse"]) if "idlg_mse" in saved else 0
+    missing = [f"{m}_{f}" for m, f in itertools.product(METHODS, FIELDS) if done and f"{m}_{f}" not in saved]
+    if missing:
+        raise SystemExit(f"{path} was made by an older version of this script and lacks {missing}: use another --out")
     if done >= victims:
         return {k: v if k == "protocol" else v[:victims] for k, v in saved.items()}
     images, labels, classes = load_images(data_dir, dataset)
@@ -91,7 +129,9 @@ def collect(dataset: str, victims: int, out: pathlib.Path, seed: int, chunk: int
     with processes.WorkerPool() if strategy == "processes" else contextlib.nullcontext() as pool:
         for c in range(done, victims, chunk):
             idx = list(range(c, min(c + chunk, victims)))
-            _, _, res = run_chunk(model, template, idx, images, labels, classes, seed, attacks.PAPER, strategy, pool)
+            x, _, res = run_chunk(model, template, idx, images, labels, classes, seed, attacks.PAPER, strategy, pool)
+            for m in METHODS:  # the MSE of x' before steps 0, e, 2e, ... (snapshot_every), (V, slots)
+                res[m]["snapshot_mse"] = np.mean((np.asarray(res[m]["snapshots"]) - np.asarray(x)[:, None]) ** 2, axis=(2, 3, 4))
             for m, f in itertools.product(METHODS, FIELDS):
                 new = np.asarray(res[m][f])
                 saved[f"{m}_{f}"] = np.concatenate([saved[f"{m}_{f}"], new]) if f"{m}_{f}" in saved else new
@@ -114,6 +154,10 @@ def main(argv=None) -> int:
     p.add_argument("--success", type=float, default=1e-3, help="final MSE below which a run recovered the image")
     p.add_argument("--rule-steps", type=int, nargs="+", default=[20, 30, 50, 80, 100], help="candidate rule steps")
     p.add_argument("--rule-losses", type=float, nargs="+", default=[0.1, 0.3, 1.0, 3.0], help="candidate rule losses")
+    p.add_argument("--stall-losses", type=float, nargs="+", default=[1e-5, 1e-4, 1e-3],
+                   help="candidate AttackConfig.stall losses (scored with each of --stall-ratios)")
+    p.add_argument("--stall-ratios", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
+                   help="candidate AttackConfig.stall ratios")
     add_output_flags(p)
     args = p.parse_args(argv)
     o = ScriptOutput(args)
@@ -131,8 +175,12 @@ def main(argv=None) -> int:
             g = gives_up(hist, steps, (step, loss), attacks.PAPER.check_every)
             rules.append({"step": step, "loss": loss, "gives_up": int(g.sum()), "successes_lost": int((g & ok).sum()),
                           "failures_caught": int((g & ~ok).sum())})
+        stall = [stall_outcome(hist, steps, evals, h[f"{m}_snapshot_mse"], h[f"{m}_mse"], rule, attacks.PAPER.check_every,
+                               attacks.PAPER.snapshot_every)
+                 for rule in itertools.product(args.stall_losses, args.stall_ratios)]
         summary["methods"][m] = {"successful": int(ok.sum()), "failed_evals_share": float(evals[~ok].sum() / evals.sum()),
-                                 "rules": rules, "separation": separation(hist, steps, ok, attacks.PAPER.check_every)}
+                                 "rules": rules, "separation": separation(hist, steps, ok, attacks.PAPER.check_every),
+                                 "stall_rules": stall}
         o.report(f"{m}: {ok.sum()}/{len(ok)} recovered (MSE < {args.success:g}); the failed runs took "
                  f"{100 * summary['methods'][m]['failed_evals_share']:.0f} % of the evaluations")
         for s in summary["methods"][m]["separation"][1:11]:
@@ -141,6 +189,10 @@ def main(argv=None) -> int:
         for r in rules:
             o.report(f"  give_up=({r['step']}, {r['loss']:g}): abandons {r['gives_up']}, of which would have recovered "
                      f"{r['successes_lost']}; failures caught {r['failures_caught']}/{int((~ok).sum())}")
+        for r in stall:
+            o.report(f"  stall=({r['stall'][0]:g}, {r['stall'][1]:g}): stops {r['stops']}, {100 * r['steps_saved_share']:.1f} % of "
+                     f"the outer steps; victims below " + " / ".join(f"{k}: {v}" for k, v in r["fidelity"].items())
+                     + " (without: " + " / ".join(map(str, r["fidelity_plain"].values())) + ")")
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     o.summary(summary)
     return 0

@@ -55,7 +55,8 @@ PAPER = {
     "lfw": {"dlg": (79.1, [52.2, 51.8, 51.4, 51.3, 47.4]), "idlg": (100.0, [91.5, 91.1, 91.0, 90.9, 83.1])},
 }
 
-CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES}
+CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES,
+           "retries_stall": attacks.PAPER_RETRIES_STALL}
 
 
 def load_images(data_dir: pathlib.Path, dataset: str) -> tuple[np.ndarray, np.ndarray, int]:
@@ -100,6 +101,7 @@ def summarise(rows: list[dict], dataset: str, seconds: float) -> dict:
             "mse": mse.tolist(),
             "diverged": int(np.sum(~np.isfinite(mse) | (mse > 1.0))),
             "gave_up": int(sum(r[method].get("gave_up", False) for r in rows)),
+            "stalled": int(sum(r[method].get("stalled", False) for r in rows)),
             "mean_evals": float(np.mean([r[method]["evals"] for r in rows])) if rows else float("nan"),
             "mean_steps": float(np.mean([r[method]["steps"] for r in rows])) if rows else float("nan"),
             "seconds_per_victim": float(np.mean([r[method]["seconds"] for r in rows])) if rows else float("nan"),
@@ -210,7 +212,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--config", choices=sorted(CONFIGS), default="paper",
                    help="paper: PyTorch-semantics L-BFGS, 300 steps; optax: optax L-BFGS with zoom line search, 3000 steps; "
-                        "retries: paper plus giving up hopeless runs and retrying them (attacks.PAPER_RETRIES)")
+                        "retries: paper plus giving up hopeless runs and retrying them (attacks.PAPER_RETRIES); "
+                        "retries_stall: retries plus stopping runs near the match that stopped improving "
+                        "(attacks.PAPER_RETRIES_STALL)")
     p.add_argument("--head", choices=models.HEADS, default="auto",
                    help="LeNet's head: blocked (the logits summed in blocks for float32 accuracy, models.BlockedDense), "
                         "dense (nn.Dense: the CPU records in docs/results were made with it) or auto (blocked on CPU)")
@@ -221,6 +225,10 @@ def main(argv=None) -> int:
     p.add_argument("--retries", type=int, default=None,
                    help="start a run the give-up rule abandons again from a fresh start, up to this many times "
                         "(AttackConfig.retries; needs --give-up or --config retries)")
+    p.add_argument("--stall", type=float, nargs=2, default=None, metavar=("LOSS", "RATIO"),
+                   help="AttackConfig.stall=(LOSS, RATIO): stop DLG/iDLG runs whose loss is below LOSS at a check and not "
+                        "below RATIO times the previous check's (not the paper's protocol; experiments/give_up_study.py "
+                        "scores candidates)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
                         "256 on GPU); a chunk is the unit of resume")
     p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
@@ -244,10 +252,11 @@ def main(argv=None) -> int:
     overrides = {} if args.steps is None else {"steps": args.steps}
     overrides |= {} if args.give_up is None else {"give_up": (int(args.give_up[0]), args.give_up[1])}
     overrides |= {} if args.retries is None else {"retries": args.retries}
+    overrides |= {} if args.stall is None else {"stall": tuple(args.stall)}
     try:
         config = dataclasses.replace(config, **overrides)
     except ValueError as e:
-        p.error(f"--steps/--give-up/--retries: {e}")
+        p.error(f"--steps/--give-up/--retries/--stall: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "victims.jsonl"
     rows = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -285,6 +294,8 @@ def main(argv=None) -> int:
                                        "seconds": float(r["seconds_per_victim"])}
                         if config.give_up is not None:
                             row[method]["gave_up"] = bool(r["gave_up"][j])
+                        if config.stall is not None:
+                            row[method]["stalled"] = bool(r["stalled"][j])
                     f.write(json.dumps(row) + "\n")
                     rows.append(row)
             if len(examples["x"]) < 8:
