@@ -83,16 +83,25 @@ def stalls(history: np.ndarray, steps: np.ndarray, rule: tuple[float, float], ch
     return np.where(hit.any(axis=1), (first + 1) * check_every + 1, steps)
 
 
-def stall_outcome(history, steps, evals, snapshot_mse, mse, rule, check_every=10, snapshot_every=10) -> dict:
-    """What ``stall=rule`` would have changed in a plain run: victims stopped, outer steps saved, and the MSE
-    they would have ended at, read from the snapshot one step before the stopped iterate
-    (``snapshot_mse[:, (stop - 1) // snapshot_every]``, exact up to that one step)."""
+def stalled_mse(history, steps, snapshot_mse, mse, rule, check_every=10, snapshot_every=10) -> tuple[np.ndarray, np.ndarray]:
+    """Each victim's outer steps under ``stall=rule`` (:func:`stalls`) and the MSE it would have ended at: for a
+    stopped victim the snapshot's before step ``stop - 1 - (stop - 1) % snapshot_every`` (one step before the
+    stopped iterate when ``snapshot_every`` divides ``stop - 1``, as with the paper's 10 and 10), else ``mse``."""
     stop = stalls(history, steps, rule, check_every)
-    hit = stop < steps
     slot = np.clip((stop - 1) // snapshot_every, 0, snapshot_mse.shape[1] - 1)
-    new_mse = np.where(hit, snapshot_mse[np.arange(len(stop)), slot], mse)
+    return stop, np.where(stop < steps, snapshot_mse[np.arange(len(stop)), slot], mse)
+
+
+def stall_outcome(history, steps, snapshot_mse, mse, rule, check_every=10, snapshot_every=10) -> dict:
+    """What ``stall=rule`` would have changed in a plain run: victims stopped, outer steps saved, and how many
+    victims would end below each MSE threshold (:func:`stalled_mse`), against the plain run's counts.
+
+    Steps saved are not evaluations saved: a stalled run's late steps are cheap, the tolerances ending their
+    inner loops early (on 128 CIFAR-100 victims ``(1e-5, 0.9)`` saved 13 % of iDLG's outer steps and, measured
+    by running it, 1 % of its evaluations), so measure the evaluations with ``idlg_reproduction.py --stall``."""
+    stop, new_mse = stalled_mse(history, steps, snapshot_mse, mse, rule, check_every, snapshot_every)
+    hit = stop < steps
     return {"stall": list(rule), "stops": int(hit.sum()), "steps_saved_share": float((steps - stop).sum() / steps.sum()),
-            "evals_saved_share_estimate": float(np.sum(evals * (steps - stop) / np.maximum(steps, 1)) / evals.sum()),
             "fidelity": {str(t): int(np.sum(new_mse < t)) for t in metrics.FIDELITY_THRESHOLDS},
             "fidelity_plain": {str(t): int(np.sum(mse < t)) for t in metrics.FIDELITY_THRESHOLDS},
             "worst_ratio_to_plain_mse": float(np.max(new_mse[hit] / mse[hit])) if hit.any() else 1.0}
@@ -175,7 +184,7 @@ def main(argv=None) -> int:
             g = gives_up(hist, steps, (step, loss), attacks.PAPER.check_every)
             rules.append({"step": step, "loss": loss, "gives_up": int(g.sum()), "successes_lost": int((g & ok).sum()),
                           "failures_caught": int((g & ~ok).sum())})
-        stall = [stall_outcome(hist, steps, evals, h[f"{m}_snapshot_mse"], h[f"{m}_mse"], rule, attacks.PAPER.check_every,
+        stall = [stall_outcome(hist, steps, h[f"{m}_snapshot_mse"], h[f"{m}_mse"], rule, attacks.PAPER.check_every,
                                attacks.PAPER.snapshot_every)
                  for rule in itertools.product(args.stall_losses, args.stall_ratios)]
         summary["methods"][m] = {"successful": int(ok.sum()), "failed_evals_share": float(evals[~ok].sum() / evals.sum()),

@@ -343,10 +343,17 @@ def test_stall_study_predicts_the_engines_rule(tiny, monkeypatch, check_every):
         np.testing.assert_array_equal(predicted, engine["steps"])
         np.testing.assert_array_equal(predicted < cfg.steps, engine["stalled"])
         first.append(int(np.sum(predicted == check_every + 1)))
-        # What the study reads for a stopped victim: the snapshot one step before the engine's iterate.
-        out = give_up_study.stall_outcome(hist, plain["steps"], plain["evals"], np.zeros((2, 7)), np.ones(2), rule,
-                                          check_every, 1)
-        assert out["stops"] == int(np.sum(predicted < cfg.steps))
+        # The engine's stopped iterate is the plain run's x' before step `steps`; the study reads the one before.
+        stopped = np.flatnonzero(predicted < cfg.steps)
+        np.testing.assert_allclose(engine["reconstruction"][stopped], plain["snapshots"][stopped, predicted[stopped]],
+                                   rtol=1e-5, atol=1e-6)
+        norm = (plain["snapshots"] ** 2).mean(axis=(2, 3, 4))  # a stand-in for each snapshot's MSE
+        stop, mse = give_up_study.stalled_mse(hist, plain["steps"], norm, np.full(2, -1.0), rule, check_every, 1)
+        np.testing.assert_array_equal(stop, predicted)
+        np.testing.assert_array_equal(mse[stopped], norm[stopped, predicted[stopped] - 1])
+        assert np.all(mse[predicted == cfg.steps] == -1.0)
+        out = give_up_study.stall_outcome(hist, plain["steps"], norm, np.full(2, -1.0), rule, check_every, 1)
+        assert out["stops"] == len(stopped)
     # At the first check a victim stops when its fall (loss / previous loss) is at or above the ratio: below both
     # falls both stop, between them the slower one. (Above both none would, unless a loss rose: the ratio is at most 1.)
     assert first[0] == 2 and first[1] == 1 and first[2] <= 1
