@@ -319,8 +319,7 @@ def test_give_up_study_predicts_the_engines_rule(tiny, monkeypatch, check_every)
     assert abandoned[:2] == [2, 1]  # below both losses at the rule's first check: both; between them: one
 
 
-@pytest.mark.parametrize("check_every", [1, 2])
-def test_stall_study_predicts_the_engines_rule(tiny, monkeypatch, check_every):
+def test_stall_study_predicts_the_engines_rule(tiny, monkeypatch, check_every=2):
     """give_up_study.stalls, applied to a plain run's histories, gives the outer steps the engine's
     AttackConfig.stall runs, at ratios below, between and above the two victims' first falls."""
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
