@@ -140,7 +140,8 @@ def collect(dataset: str, victims: int, out: pathlib.Path, seed: int, chunk: int
             idx = list(range(c, min(c + chunk, victims)))
             x, _, res = run_chunk(model, template, idx, images, labels, classes, seed, attacks.PAPER, strategy, pool)
             for m in METHODS:  # the MSE of x' before steps 0, e, 2e, ... (snapshot_every), (V, slots)
-                res[m]["snapshot_mse"] = np.mean((np.asarray(res[m]["snapshots"]) - np.asarray(x)[:, None]) ** 2, axis=(2, 3, 4))
+                snaps = res[m]["snapshots"]
+                res[m]["snapshot_mse"] = metrics.mse(snaps, jnp.broadcast_to(jnp.asarray(x)[:, None], snaps.shape))
             for m, f in itertools.product(METHODS, FIELDS):
                 new = np.asarray(res[m][f])
                 saved[f"{m}_{f}"] = np.concatenate([saved[f"{m}_{f}"], new]) if f"{m}_{f}" in saved else new

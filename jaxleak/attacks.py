@@ -486,8 +486,8 @@ def gave_up(result: AttackResult, config: AttackConfig) -> Array:
     """
     if config.give_up is None:
         return jnp.zeros(jnp.shape(result.steps), bool)
-    last = _checked_loss(result)
-    return (result.steps > 0) & (result.steps < config.steps) & ~(last < config.give_up[1])
+    early, last = _stopped_at_a_check(result, config)
+    return early & ~(last < config.give_up[1])
 
 
 def stalled(result: AttackResult, config: AttackConfig) -> Array:
@@ -496,14 +496,16 @@ def stalled(result: AttackResult, config: AttackConfig) -> Array:
     vmap-compatible."""
     if config.stall is None:
         return jnp.zeros(jnp.shape(result.steps), bool)
-    last = _checked_loss(result)
-    return (result.steps > 0) & (result.steps < config.steps) & ~(last < config.stop_loss) & (last < config.stall[0])
+    early, last = _stopped_at_a_check(result, config)
+    return early & ~(last < config.stop_loss) & (last < config.stall[0])
 
 
-def _checked_loss(result: AttackResult) -> Array:
-    """The loss the stopping check saw when the run stopped, ``loss_history[steps - 1]``."""
-    return jnp.take_along_axis(result.loss_history, jnp.clip(result.steps - 1, 0, result.loss_history.shape[-1] - 1)[..., None],
-                               axis=-1)[..., 0]
+def _stopped_at_a_check(result: AttackResult, config: AttackConfig) -> tuple[Array, Array]:
+    """Whether the run stopped at a check before ``config.steps``, and the loss that check saw
+    (``loss_history[steps - 1]``); one result or a stacked one."""
+    last = jnp.take_along_axis(result.loss_history,
+                               jnp.clip(result.steps - 1, 0, result.loss_history.shape[-1] - 1)[..., None], axis=-1)[..., 0]
+    return (result.steps > 0) & (result.steps < config.steps), last
 
 
 def keep_best(result: AttackResult, snapshot_every: int) -> tuple[Array, Array]:

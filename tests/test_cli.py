@@ -319,13 +319,14 @@ def test_give_up_study_predicts_the_engines_rule(tiny, monkeypatch, check_every)
     assert abandoned[:2] == [2, 1]  # below both losses at the rule's first check: both; between them: one
 
 
-def test_stall_study_predicts_the_engines_rule(tiny, monkeypatch, check_every=2):
+def test_stall_study_predicts_the_engines_rule(tiny, monkeypatch):
     """give_up_study.stalls, applied to a plain run's histories, gives the outer steps the engine's
     AttackConfig.stall runs, at ratios below, between and above the two victims' first falls."""
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
     import give_up_study
     from jaxleak import attacks, lbfgs
 
+    check_every = 2  # checks after steps 0, 2, 4: the stall rule's first comparison is step 2's loss against step 0's
     cfg = dataclasses.replace(attacks.PAPER, steps=6, check_every=check_every, stop_loss=1e-12, snapshot_every=1,
                               lbfgs=lbfgs.TorchLBFGSConfig(max_iter=2, max_eval=3))
     run = lambda c: attacks.attack_victims("dlg", jax.random.PRNGKey(5), tiny["model"].apply, tiny["params"],
