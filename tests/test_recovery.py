@@ -142,6 +142,29 @@ def test_robust_search_recovers_batches(kind, K):
             np.testing.assert_allclose(np.asarray(out.mu)[good], np.sort(y, 1)[:, -2][good], atol=1e-4)
 
 
+def test_mixup_with_an_extreme_coefficient_is_found_between_grid_points():
+    """With mu near 0 or 1 the root's basin can be narrower than the coarse grid's spacing: the grid
+    intervals where most entries change sign are candidates too (RobustSearch.crossing_candidates).
+    The first victim is the case hypothesis found (seed 4421, mu = 0.9921875): the root sits between
+    the grid's last two points."""
+    rng = np.random.default_rng(4421)
+    probs = [problem(rng, 10, "mixup", bias=True, mu=0.9921875)]
+    rng = np.random.default_rng(3)
+    probs += [problem(rng, 10, "mixup", bias=True, mu=m) for m in np.concatenate([rng.uniform(0.001, 0.02, 100),
+                                                                                   rng.uniform(0.98, 0.999, 100)])]
+    G, W, b, _, y, _ = [np.stack(x) for x in zip(*probs)]
+    with jax.enable_x64(True):
+        run = lambda cfg: recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind="mixup", bias=jnp.asarray(b),
+                                              config=cfg, errors="flag")
+        out = run(recovery.RobustSearch())
+        err = np.abs(np.asarray(out.label) - y).max(1)
+        assert np.asarray(out.ok).all() and err.max() < 1e-6, (np.flatnonzero(~np.asarray(out.ok)), err.max())
+        grid_only = run(recovery.RobustSearch(crossing_candidates=0))  # the local minima of the grid alone
+        missed = ~np.asarray(grid_only.ok)
+        assert missed[0] and missed.sum() >= 3
+        assert np.asarray(grid_only.reason)[0] == recovery.NO_SOLUTION
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["smoothing", "mixup"]), K=st.sampled_from([3, 10, 100]),
        bias=st.booleans(), eps=st.floats(0.001, 0.499), mu=st.floats(0.001, 0.999))

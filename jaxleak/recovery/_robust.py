@@ -28,7 +28,8 @@ class RobustSearch:
     ``|delta_r| <= 1`` gives ``|u| <= 1``; for non-negative features the sign
     of ``u`` is the sign of the chosen gradient column. A log-spaced grid of
     ``grid_size`` points on ``|u|`` in ``[u_min, 1]`` is evaluated at O(K) per
-    point, the ``candidates`` best local minima are refined by a finer grid
+    point, the ``candidates`` best local minima (for mixup also the ``crossing_candidates`` grid
+    intervals where the most entries of ``y_hat`` change sign) are refined by a finer grid
     (``fine_size`` points) and golden-section search (``refine_iters`` steps in
     ``log|u|``) on ``loss / u^2`` (which removes the spurious minimum at ``u -> 0``), and spurious solutions are
     rejected (entries below ``-entry_tol``; for smoothing the K-1 small entries
@@ -49,6 +50,7 @@ class RobustSearch:
     grid_size: int = 384
     u_min: float = 1e-4
     candidates: int = 4
+    crossing_candidates: int = 1
     fine_size: int = 64
     refine_iters: int = 28
     nonnegative: bool = True
@@ -124,7 +126,17 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
     # For h >= 0, sign(delta_r) = sign of the column g_r (ALGORITHMS.md §4.2).
     signs = jnp.where(jnp.sum(g) >= 0, 1.0, -1.0).astype(dtype)[None] if cfg.nonnegative else jnp.array([-1.0, 1.0], dtype)
     ts = jnp.linspace(math.log(cfg.u_min), 0.0, cfg.grid_size, dtype=dtype)
-    f = jax.vmap(lambda s: jax.vmap(lambda t: loss_u(s * jnp.exp(t)))(ts))(signs)  # (S, N)
+    n = cfg.grid_size
+
+    def on_grid(s):
+        us = s * jnp.exp(ts)
+        ys = jax.vmap(lambda u: _label_at(u, a, c, b))(us)  # (N, K)
+        f = jax.vmap(lambda y: _objective(y, kind))(ys) / (us * us)  # loss_u on the grid
+        # Entries that change sign between neighbouring grid points (mixup only, see below).
+        crossings = jnp.sum((ys[:-1] > 0) != (ys[1:] > 0), axis=-1) if kind == "mixup" else None
+        return f, crossings
+
+    f, crossings = jax.vmap(on_grid)(signs)  # (S, N), (S, N - 1)
     f = jnp.where(jnp.isfinite(f), f, jnp.inf)
     pad = jnp.pad(f, ((0, 0), (1, 1)), constant_values=jnp.inf)
     # The end at |u| = u_min is the spurious limit |lam| -> infinity (y_hat -> one-hot, loss -> 0):
@@ -133,10 +145,25 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
     score = jnp.where(is_min, f, jnp.inf).reshape(-1)
     m = min(cfg.candidates, score.shape[0])
     _, idx = jax.lax.top_k(-score, m)
-    si, ti = idx // cfg.grid_size, idx % cfg.grid_size
-    n = cfg.grid_size
+    si, ti = idx // n, idx % n
     lo = ts[jnp.clip(ti - 1, 0, n - 1)]
     hi = ts[jnp.clip(ti + 1, 0, n - 1)]
+    t0 = ts[ti]
+    if kind == "mixup" and cfg.crossing_candidates > 0:
+        # With a small mu the root's basin can fall between two grid points: as soon as a near-zero entry
+        # outgrows mu it takes the second place, mu's entry joins the K-2 "zeros", and the grid sees a
+        # smooth slope with no minimum there (measured: K = 10, mu in [0.001, 0.02], 3.9 % of victims
+        # found no solution). At the root K-2 entries vanish together, most of them crossing zero, so
+        # the grid intervals where the most entries change sign are candidates too (one is enough: with
+        # two, the same synthetic victims gave as many solutions, and more flagged ambiguous).
+        # (As floats: XLA's CPU top_k is ~10x slower on integers, measured at V=1,000, N=384, K=10.)
+        count = jnp.where(jnp.arange(n - 1) > 0, crossings, -1).astype(dtype).reshape(-1)
+        mc = min(cfg.crossing_candidates, count.shape[0])
+        _, cidx = jax.lax.top_k(count, mc)
+        csi, cti = cidx // (n - 1), cidx % (n - 1)
+        si = jnp.concatenate([si, csi])
+        lo, hi = jnp.concatenate([lo, ts[cti]]), jnp.concatenate([hi, ts[cti + 1]])
+        t0 = jnp.concatenate([t0, ts[cti]])
 
     def refine(s, lo, hi, t0):
         # A finer grid first: for mixup with a small mu the basin is narrower than the coarse spacing
@@ -153,7 +180,7 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
         y = _label_at(u, a, c, b)
         return u, y, _objective(y, kind)
 
-    us, ys, objs = jax.vmap(refine)(signs[si], lo, hi, ts[ti])
+    us, ys, objs = jax.vmap(refine)(signs[si], lo, hi, t0)
     entry_tol, loss_tol = _tolerances(dtype, cfg)
     valid = jax.vmap(lambda y, l: _valid(y, l, kind, entry_tol, loss_tol))(ys, objs)
     objs = jnp.where(jnp.isfinite(objs), objs, jnp.inf)
