@@ -11,6 +11,10 @@ import pathlib
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
+# Every program, eager operations' too: jax.clear_caches() empties the in-memory caches after each
+# module (below), and the CLI tests' subprocesses start empty; from disk they load instead of compiling.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Compilation dominates small tests (JAX_NOTES.md): reuse compiled programs across runs.
 jax.config.update("jax_compilation_cache_dir", os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache")))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 from jaxleak import models, victims  # noqa: E402  (after the cache is configured: importing may compile)
 
