@@ -89,14 +89,16 @@ def test_give_up_abandons_the_victims_above_its_loss(tiny, strategy):
     res = run(_few_steps(4, stop_loss=0.0, check_every=1, give_up=(1, float(np.sqrt(lo * hi)))))
     high = int(np.argmax(plain["loss_history"][:, 1]))
     assert res["steps"].tolist()[high] == 2 and res["gave_up"][high]
-    np.testing.assert_array_equal(res["loss_history"][high, :2], plain["loss_history"][high, :2])
+    # (Runs with and without the rule are different programs: their float32 rounding may differ in the last
+    # bit, which L-BFGS amplifies to ~1e-6 in x' after two steps; a step more or less moves x' by ~1e-1.)
+    np.testing.assert_allclose(res["loss_history"][high, :2], plain["loss_history"][high, :2], rtol=1e-5)
     assert np.isnan(res["loss_history"][high, 2:]).all()
     two = run(_few_steps(2, stop_loss=0.0))  # the abandoned victim's iterate is that after two steps
-    np.testing.assert_allclose(res["reconstruction"][high], two["reconstruction"][high], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(res["reconstruction"][high], two["reconstruction"][high], rtol=1e-5, atol=1e-5)
     low = 1 - high
     assert np.all(plain["loss_history"][low, 1:3] < np.sqrt(lo * hi))  # below at every check before the last step
     assert res["steps"][low] == 4 and not res["gave_up"][low]
-    np.testing.assert_array_equal(res["reconstruction"][low], plain["reconstruction"][low])
+    np.testing.assert_allclose(res["reconstruction"][low], plain["reconstruction"][low], rtol=1e-4, atol=1e-4)  # 4 steps
     assert not plain["gave_up"].any()
 
 
@@ -168,14 +170,14 @@ def test_stall_stops_the_victim_that_stopped_improving(tiny, strategy):
     ratio = float(np.sqrt(fall[0] * fall[1]))
     res = run(_few_steps(4, stop_loss=0.0, check_every=1, snapshot_every=1, stall=(10 * float(np.max(hist)), ratio)))
     assert res["steps"][slow] == 2 and res["stalled"][slow] and not res["gave_up"].any()
-    np.testing.assert_array_equal(res["loss_history"][slow, :2], hist[slow, :2])
-    np.testing.assert_allclose(res["reconstruction"][slow], plain["snapshots"][slow, 2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(res["loss_history"][slow, :2], hist[slow, :2], rtol=1e-5)  # (rounding: as above)
+    np.testing.assert_allclose(res["reconstruction"][slow], plain["snapshots"][slow, 2], rtol=1e-5, atol=1e-5)
     assert res["steps"][fast] > 2
-    np.testing.assert_array_equal(res["loss_history"][fast, :3], hist[fast, :3])
+    np.testing.assert_allclose(res["loss_history"][fast, :3], hist[fast, :3], rtol=1e-5)
     low = run(_few_steps(4, stop_loss=0.0, check_every=1, snapshot_every=1, stall=(0.5 * float(np.nanmin(hist)), ratio)))
     np.testing.assert_array_equal(low["steps"], [4, 4])
     assert not low["stalled"].any() and not plain["stalled"].any()
-    np.testing.assert_array_equal(low["reconstruction"], plain["reconstruction"])
+    np.testing.assert_allclose(low["reconstruction"], plain["reconstruction"], rtol=1e-4, atol=1e-4)  # 4 steps
 
 
 def test_stalled_and_gave_up_read_the_checked_loss(tiny):
