@@ -157,6 +157,7 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
         # the grid intervals where the most entries change sign are candidates too (one is enough: with
         # two, the same synthetic victims gave as many solutions, and more flagged ambiguous).
         # (As floats: XLA's CPU top_k is ~10x slower on integers, measured at V=1,000, N=384, K=10.)
+        # Not the interval at |u| = u_min, the spurious end (as for the minima above).
         count = jnp.where(jnp.arange(n - 1) > 0, crossings, -1).astype(dtype).reshape(-1)
         mc = min(cfg.crossing_candidates, count.shape[0])
         _, cidx = jax.lax.top_k(count, mc)
