@@ -121,7 +121,8 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
     g, a, c, b = _precompute(G, W, b, r, c)
     # As u -> 0 the candidate tends to a one-hot label and the loss to 0 like u^2 (the spurious minimum
     # at |lam| -> infinity); dividing by u^2 leaves a positive limit there and the true root at 0.
-    loss_u = lambda u: _objective(_label_at(u, a, c, b), kind) / (u * u)
+    loss_of = lambda y, u: _objective(y, kind) / (u * u)
+    loss_u = lambda u: loss_of(_label_at(u, a, c, b), u)
 
     # For h >= 0, sign(delta_r) = sign of the column g_r (ALGORITHMS.md §4.2).
     signs = jnp.where(jnp.sum(g) >= 0, 1.0, -1.0).astype(dtype)[None] if cfg.nonnegative else jnp.array([-1.0, 1.0], dtype)
@@ -131,7 +132,7 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
     def on_grid(s):
         us = s * jnp.exp(ts)
         ys = jax.vmap(lambda u: _label_at(u, a, c, b))(us)  # (N, K)
-        f = jax.vmap(lambda y: _objective(y, kind))(ys) / (us * us)  # loss_u on the grid
+        f = jax.vmap(loss_of)(ys, us)  # loss_u, keeping the labels for the crossings
         # Entries that change sign between neighbouring grid points (mixup only, see below).
         crossings = jnp.sum((ys[:-1] > 0) != (ys[1:] > 0), axis=-1) if kind == "mixup" else None
         return f, crossings
