@@ -67,10 +67,10 @@ import numpy as np
 from jaxleak import attacks, metrics, models, processes, victims
 from jaxleak.cli import ScriptOutput, add_output_flags
 
+# The iDLG attack's optimiser by name: the reference's protocol, or jaxleak's best defaults.
+from idlg_reproduction import CONFIGS  # noqa: E402
+
 SUCCESS_MSE = 1e-3
-#: The iDLG attack's optimiser: the reference's protocol, or jaxleak's best default (idlg_reproduction's configs).
-CONFIGS = {"paper": attacks.PAPER, "optax": attacks.OPTAX_LBFGS, "retries": attacks.PAPER_RETRIES,
-           "retries_stall": attacks.PAPER_RETRIES_STALL}
 
 
 def make_victims(data: pathlib.Path, n: int, seed: int):
