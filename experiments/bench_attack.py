@@ -133,11 +133,14 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
         return _finish_jax(n, seconds, x, res["reconstruction"], res["evals"], res["snapshots"][:, 0], flops, strategy,
                            compile_s=compile_s, devices=pool.workers, device_kind=devices[0].device_kind)
     t = time.time()
+    # As attack_victims runs "vmap": sharded over every local GPU/TPU (victims.default_devices), one CPU device.
+    sharded = victims.default_devices("vmap")
+    sharded = sharded if n % len(sharded) == 0 else sharded[:1]
     if strategy == "vmap":
-        compiled = jax.jit(jax.vmap(one, axis_name=config.victim_axis)).lower(keys, params, grads).compile()
+        compiled = victims._compiled(one, (0, 0, 0), config.victim_axis, sharded).lower(keys, params, grads).compile()
     elif strategy == "vmap-plain":  # plain vmap: every while_loop predicate batched (the carries selected)
         compiled = jax.jit(jax.vmap(one)).lower(keys, params, grads).compile()
-    else:  # one executable per device; victims are dealt round-robin (attacks._loop_over_devices)
+    else:  # one executable per device; victims are dealt round-robin (as victims.map_victims' "loop")
         first = (keys[0], take(params, 0), take(grads, 0))
         compiled = [jax.jit(one).lower(*jax.device_put(first, d)).compile() for d in devices]
     compile_s = time.time() - t
@@ -153,7 +156,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
         rec, evals, starts = gather(lambda o: o.x), gather(lambda o: o.evals), gather(lambda o: o.snapshots[0])
     seconds = time.time() - t
     return _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, compile_s=compile_s,
-                       devices=len(devices) if strategy == "loop" else 1, device_kind=devices[0].device_kind)
+                       devices={"loop": len(devices), "vmap": len(sharded)}.get(strategy, 1), device_kind=devices[0].device_kind)
 
 
 def _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, **info) -> dict:

@@ -5,6 +5,10 @@ victim, times the first call (compile + run) and the steady state (median of
 repeats) of ``jaxleak.gradients`` with ``strategy="vmap"`` and ``"loop"``.
 Both strategies run in the same invocation, alternating, so their ratio is
 measured under the same machine load. Writes JSON and a markdown table.
+With ``--cpu-devices N`` (N host devices) it adds ``"vmap-sharded"``: each chunk
+sharded over the N devices (``jaxleak.gradients(..., devices=jax.local_devices())``),
+where ``"vmap"`` keeps one CPU device (``jaxleak.victims.default_devices``); ``"loop"``
+then deals victims to the N devices round-robin.
 
     python experiments/bench_gradients.py --victims 1 64 1024 --out results/bench_gradients
 """
@@ -17,6 +21,10 @@ import pathlib
 import statistics
 import sys
 import time
+
+from _xla import cpu_devices_flag  # (sets XLA_FLAGS before jax is imported)
+
+cpu_devices_flag(default=1)
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +49,10 @@ def _time(fn, repeats):
     return first, statistics.median(runs)
 
 
+#: "vmap-sharded" only where "vmap" would keep one of several devices (the CPU with --cpu-devices N).
+STRATEGIES = ("vmap", "loop") + (("vmap-sharded",) if len(jl.victims.default_devices("vmap")) < jax.local_device_count() else ())
+
+
 def run(victims, model_name, shape, classes, repeats, loop_max, log=print):
     model = jl.models.get_model(model_name, classes)
     rows = []
@@ -51,10 +63,12 @@ def run(victims, model_name, shape, classes, repeats, loop_max, log=print):
         shared = jl.models.init_uniform(model.init(key, xs[:1]), key)
         stacked = jl.init_victims(model, key, v, shape, init="uniform")
         for per_victim, params in ((False, shared), (True, stacked)):
-            for strategy in ("vmap", "loop"):
+            for strategy in STRATEGIES:
                 if strategy == "loop" and v > loop_max:
                     continue
-                fn = lambda: jl.gradients(model.apply, params, xs, ys, per_victim_params=per_victim, strategy=strategy)
+                devices = jax.local_devices() if strategy == "vmap-sharded" else None
+                fn = lambda: jl.gradients(model.apply, params, xs, ys, per_victim_params=per_victim,
+                                          strategy=strategy.split("-")[0], devices=devices)
                 first, steady = _time(fn, repeats)
                 rows.append(
                     dict(victims=v, params="per-victim" if per_victim else "shared", strategy=strategy,
@@ -74,7 +88,7 @@ def _plot(path, rows, meta):
 
     fig, ax = plt.subplots(figsize=(5, 3.2))
     for params in ("shared", "per-victim"):
-        for strategy, style in (("vmap", "o-"), ("loop", "s--")):
+        for strategy, style in (("vmap", "o-"), ("loop", "s--"), ("vmap-sharded", "^:")):
             pts = [(r["victims"], r["victims_per_s"]) for r in rows if r["params"] == params and r["strategy"] == strategy]
             if pts:
                 ax.plot(*zip(*pts), style, label=f"{params} model, {strategy}")
@@ -93,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--classes", type=int, default=100, help="number of classes K")
     ap.add_argument("--repeats", type=int, default=3, help="timed repetitions after compilation (best kept)")
     ap.add_argument("--loop-max", type=int, default=1024, help="skip the loop strategy above this many victims")
+    ap.add_argument("--cpu-devices", type=int, default=1, help="host devices on the CPU (read before jax starts)")
     ap.add_argument("--out", default="results/bench_gradients", help="output folder (results.json, results.md, results.png)")
     add_output_flags(ap)
     args = ap.parse_args(argv)
@@ -101,7 +116,7 @@ def main(argv=None):
                args.repeats, args.loop_max, log=o.log)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), jax=jax.__version__,
+    meta = dict(backend=jax.default_backend(), device=str(jax.devices()[0]), devices=jax.local_device_count(), jax=jax.__version__,
                 model=args.model, shape=args.shape, classes=args.classes)
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     lines = ["| victims | params | strategy | compile s | steady s | victims/s | ms/victim |", "|---|---|---|---|---|---|---|"]

@@ -752,6 +752,7 @@ def attack_victims(
     workers: Optional[int] = None,
     pool: Optional[_processes.WorkerPool] = None,
     require_one_example: bool = True,
+    devices: Optional[Sequence[jax.Device]] = None,
 ) -> dict[str, np.ndarray]:
     """Runs one attack on V victims (``jaxleak.victims.map_victims``) and scores it.
 
@@ -776,6 +777,10 @@ def attack_victims(
       pool: a ``jaxleak.processes.WorkerPool`` for ``"processes"``, kept across calls: its
         workers start once and keep each compiled attack (~2.7 s saved per call, iDLG on
         the 2-core CPU); not with ``workers``.
+      devices: the devices victims run on (``jaxleak.victims.map_victims``): under ``"vmap"`` each
+        chunk is sharded over them and each device's loops run until its own victims are done;
+        under ``"loop"`` victims are dealt to them round-robin. Default: every local device,
+        except one under ``"vmap"`` on the CPU (``jaxleak.victims.default_devices``).
       require_one_example: refuse target gradients whose last-layer kernel gradient cannot
         be one example's (``jaxleak.recovery.gradient_reason``: rank > 1, as a batch's, or
         all zero). Turn off to attack defended (noised, pruned) gradients, which are not
@@ -820,7 +825,7 @@ def attack_victims(
     if features is not None:
         args, axes = args + (features,), axes + (0,)
     res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack",
-                               axis_name=config.victim_axis, workers=workers, pool=pool)
+                               axis_name=config.victim_axis, workers=workers, pool=pool, devices=devices)
     out = {name: np.asarray(v) for name, v in res._asdict().items()}
     out["gave_up"] = np.asarray(gave_up(res, config))
     out["stalled"] = np.asarray(stalled(res, config))

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -184,9 +184,47 @@ def chunk_size_for(fn: Callable, one_victim_args: tuple, num_victims: int, memor
 
 
 @functools.lru_cache(maxsize=128)
-def _compiled(fn: Callable, in_axes: Optional[tuple], axis_name: Optional[str] = None) -> Callable:
-    """``jit(fn)`` (in_axes None) or ``jit(vmap(fn, in_axes, axis_name))``, cached so repeated calls reuse compilations."""
-    return jax.jit(fn) if in_axes is None else jax.jit(jax.vmap(fn, in_axes=in_axes, axis_name=axis_name))
+def _compiled(
+    fn: Callable, in_axes: Optional[tuple], axis_name: Optional[str] = None, devices: Optional[tuple] = None
+) -> Callable:
+    """``jit(fn)`` (in_axes None) or ``jit(vmap(fn, in_axes, axis_name))``, cached so repeated calls reuse compilations.
+
+    With several ``devices`` the vmapped function runs under ``jax.shard_map`` over a 1-D mesh of them: each
+    device maps ``fn`` over its own slice of the victim axis (arguments with ``in_axes`` None are replicated).
+    Collectives over ``axis_name`` (``jaxleak.lbfgs.any_running``) then reduce over that device's victims only,
+    so each device's loops end with its own last victim, not the chunk's, and no device waits on another
+    inside the program.
+    """
+    if in_axes is None:
+        return jax.jit(fn)
+    batched = jax.vmap(fn, in_axes=in_axes, axis_name=axis_name)
+    if devices is None or len(devices) == 1:
+        return jax.jit(batched)
+    P = jax.sharding.PartitionSpec
+    mesh = jax.sharding.Mesh(np.asarray(devices, dtype=object), (_DEVICE_AXIS,))
+    specs = tuple(P(_DEVICE_AXIS) if ax == 0 else P() for ax in in_axes)
+    # check_vma=False: the user's fn may hold primitives without replication rules; every output is per victim.
+    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=P(_DEVICE_AXIS), check_vma=False))
+
+
+#: The mesh axis the victim axis of a chunk is sharded over (``map_victims(devices=...)``).
+_DEVICE_AXIS = "jaxleak_victim_devices"
+
+
+def default_devices(strategy: str) -> tuple:
+    """The devices :func:`map_victims` spreads victims over by default, per strategy and backend.
+
+    ``"loop"`` deals victims round-robin to every local device. ``"vmap"`` shards each chunk over every local
+    device on GPUs and TPUs, and uses one device on the CPU, where the host devices of
+    ``--xla_force_host_platform_device_count`` share one thread pool: on the 2-core Zen 5 CPU, two host devices
+    gave 1.2-1.4x the gradients/s of one with a shared model but 0.5-0.9x with one model per victim (LeNet,
+    V = 64 and 1,024, ``experiments/bench_gradients.py --cpu-devices 2``, 2026-12-07), and one device keeps
+    the bits of the CPU records. Pass ``devices=jax.local_devices()`` to shard there anyway.
+    """
+    local = tuple(jax.local_devices())
+    if strategy == "vmap" and local[0].platform == "cpu":
+        return local[:1]
+    return local
 
 
 @functools.lru_cache(maxsize=128)
@@ -208,6 +246,7 @@ def map_victims(
     axis_name: Optional[str] = None,
     workers: Optional[int] = None,
     pool: Optional[_processes.WorkerPool] = None,
+    devices: Optional[Sequence[jax.Device]] = None,
 ) -> PyTree:
     """Maps a one-victim function over a leading victim axis, in memory-sized chunks.
 
@@ -228,6 +267,12 @@ def map_victims(
       workers: worker processes under ``"processes"`` (``None``: one per available core).
       pool: a ``jaxleak.processes.WorkerPool`` for ``"processes"`` to run in, kept across
         calls (its workers start once and keep their compiled functions); not with ``workers``.
+      devices: under ``"vmap"``, the devices each chunk's victims are sharded over (``jax.shard_map``
+        on a 1-D mesh: every device maps ``fn`` over its share, and collectives over ``axis_name``
+        stay within a device); the chunk size is then a multiple of their number and
+        ``memory_budget`` holds per device. Under ``"loop"``, the devices victims are dealt to
+        round-robin. Default :func:`default_devices`: every local device, except one under
+        ``"vmap"`` on the CPU.
 
     The last chunk is padded to the chunk size (by repeating its final victim)
     so every chunk reuses one compiled program; padding is dropped from the
@@ -253,15 +298,19 @@ def map_victims(
     if pool is not None and strategy != "processes":
         raise ValueError(f"pool= is a WorkerPool for strategy='processes', got strategy={strategy!r}")
     if strategy == "processes":
+        if devices is not None:
+            raise ValueError("devices= is for strategy 'vmap' or 'loop'; 'processes' gives each worker one device")
         return _processes.map_in_processes(fn, args, in_axes, n, workers=workers, pool=pool, progress=progress, desc=desc)
+    devices = default_devices(strategy) if devices is None else tuple(devices)
+    if not devices:
+        raise ValueError("devices= is empty")
 
     take = lambda a, ax, sl: jax.tree_util.tree_map(lambda v: v[sl], a) if ax == 0 else a
     if strategy == "loop":
         single = _compiled(fn, None)
-        # Dispatch is asynchronous: with several local devices (e.g. XLA's
+        # Dispatch is asynchronous: with several devices (e.g. XLA's
         # --xla_force_host_platform_device_count=2 on a 2-core CPU) victims dealt
         # round-robin run concurrently (JAX_NOTES.md: ~1.3x).
-        devices = jax.local_devices()
         outs = []
         it = range(n)
         if progress:
@@ -277,10 +326,15 @@ def map_victims(
             outs = jax.device_put(outs, devices[0])
         return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *outs)
 
+    d = len(devices)
     if chunk_size is None:
-        chunk_size = n if n <= 256 else chunk_size_for(fn, tuple(take(a, ax, 0) for a, ax in zip(args, in_axes)), n, memory_budget)
-    chunk_size = max(1, min(chunk_size, n))
-    batched = _compiled(fn, tuple(in_axes), axis_name)
+        per_device = -(-n // d)
+        if per_device > 256:
+            per_device = chunk_size_for(fn, tuple(take(a, ax, 0) for a, ax in zip(args, in_axes)), per_device, memory_budget)
+        chunk_size = per_device * d
+    # Every device gets the same share of a chunk: round up to a multiple of the device count (padding as below).
+    chunk_size = -(-max(1, min(chunk_size, n)) // d) * d
+    batched = _compiled(fn, tuple(in_axes), axis_name, devices)
     starts = range(0, n, chunk_size)
     if progress:
         from tqdm.auto import tqdm
@@ -305,6 +359,7 @@ def gradients(
     strategy: str = "auto",
     memory_budget: Optional[int] = None,
     progress: bool = False,
+    devices: Optional[Sequence[jax.Device]] = None,
 ) -> PyTree:
     """Shared gradients of many victims, one example each: :func:`gradient` under ``vmap``.
 
@@ -314,6 +369,7 @@ def gradients(
         ``per_victim_params=True``) stacked variables with a leading victim axis
         (:func:`init_victims`).
       xs: ``(V, H, W, C)`` images; ys: ``(V, K)`` label distributions.
+      strategy, chunk_size, memory_budget, progress, devices: as :func:`map_victims`.
 
     Returns:
       The gradient pytree with a leading victim axis ``V``.
@@ -342,6 +398,7 @@ def gradients(
         memory_budget=memory_budget,
         progress=progress,
         desc="gradients",
+        devices=devices,
     )
 
 

@@ -192,3 +192,80 @@ def test_jax_clear_caches_releases_the_programs_jaxleak_compiled():
     # and everything still works afterwards
     for (v, xs, ys), got in zip(cases, gradients()[::2]):
         chex.assert_trees_all_close(got, _loop(model, v, xs, ys, False), rtol=1e-4, atol=1e-6)
+
+
+def test_devices_are_checked_before_anything_runs(lenet, batch):
+    model, v = lenet
+    xs, labels = batch
+    ys = jl.one_hot(labels, K)
+    with pytest.raises(ValueError, match="devices= is empty"):
+        jl.gradients(model.apply, v, xs, ys, strategy="vmap", devices=[])
+    with pytest.raises(ValueError, match="'processes' gives each worker one device"):
+        jl.map_victims(lambda x: x, (xs,), (0,), strategy="processes", devices=jax.local_devices())
+    # On the CPU "vmap" keeps one device by default (the host devices share one thread pool); "loop" deals to all.
+    assert victims.default_devices("vmap") == tuple(jax.local_devices())[:1]
+    assert victims.default_devices("loop") == tuple(jax.local_devices())
+
+
+# Runs in a fresh process: the host device count is fixed when jax starts its backend.
+_SHARDED_SCRIPT = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+import jaxleak as jl
+from jaxleak import attacks, lbfgs, victims
+
+devices = jax.local_devices()
+assert len(devices) == 2, devices
+
+# 1. Each device's loop ends with its own last victim: the loop runs while any member of the vmap axis
+# runs (lbfgs.any_running), and every member counts the iterations its loop ran.
+def iterations(n):
+    cond = lambda c: lbfgs.any_running(c[0] < n, "v")
+    return jax.lax.while_loop(cond, lambda c: (c[0] + 1,), (0,))[0]
+
+trips = jnp.array([1, 2, 3, 9, 4])
+ran = lambda **kw: np.asarray(jl.map_victims(iterations, (trips,), (0,), strategy="vmap", axis_name="v", **kw)).tolist()
+assert ran(devices=devices[:1]) == [9, 9, 9, 9, 9], ran(devices=devices[:1])
+# One chunk of 6 (5 rounded up to a multiple of 2, padded with the last victim): [1, 2, 3 | 9, 4, 4].
+assert ran(devices=devices) == [3, 3, 3, 9, 9], ran(devices=devices)
+# Chunks of 2: one victim per device, so each loop runs exactly its own victim's trips.
+assert ran(devices=devices, chunk_size=2) == [1, 2, 3, 9, 4], ran(devices=devices, chunk_size=2)
+# A chunk size of 3 is rounded up to 4: [1, 2 | 3, 9], then [4, 4 | 4, 4].
+assert ran(devices=devices, chunk_size=3) == [2, 2, 9, 9, 4], ran(devices=devices, chunk_size=3)
+
+# 2. Gradients and an attack sharded over both devices equal one device's.
+K, shape = 10, (8, 8, 1)
+model = jl.LeNet(K)
+params = victims.init_victims(model, jax.random.PRNGKey(0), 3, shape, init="uniform")
+x = jax.random.uniform(jax.random.PRNGKey(1), (3, *shape))
+y = jax.nn.one_hot(jnp.array([3, 7, 1]), K)
+kw = dict(per_victim_params=True, strategy="vmap")
+grads = victims.gradients(model.apply, params, x, y, devices=devices, **kw)
+one = victims.gradients(model.apply, params, x, y, devices=devices[:1], **kw)
+for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(one)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+import dataclasses
+cfg = dataclasses.replace(attacks.PAPER, steps=1, lbfgs=lbfgs.TorchLBFGSConfig(max_iter=2, max_eval=3))
+run = lambda **kw: attacks.attack_victims("idlg", jax.random.PRNGKey(6), model.apply, params, grads, shape,
+                                          config=cfg, x_true=x, **kw)
+sharded, loop = run(strategy="vmap", devices=devices), run(strategy="loop")
+np.testing.assert_allclose(sharded["reconstruction"], loop["reconstruction"], rtol=1e-4, atol=1e-4)
+assert sharded["label_index"].tolist() == [3, 7, 1]
+np.testing.assert_array_equal(sharded["evals"], loop["evals"])
+print("ok")
+"""
+
+
+def test_vmap_shards_victims_over_devices(tmp_path):
+    """``devices=`` under ``"vmap"``: each chunk split evenly over the devices (shard_map), each device's loops
+    ending with its own victims, results equal to one device's; two host devices in a fresh process."""
+    import subprocess
+    import sys
+
+    cache = jax.config.jax_compilation_cache_dir or str(tmp_path / "cache")
+    done = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT, cache], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
