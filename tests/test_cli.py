@@ -582,3 +582,16 @@ def test_data_prepare_json_keeps_stdout_clean(tmp_path, capsys):
                         str(tmp_path / "tfds"), "--json")  # tfds' own progress messages must not reach stdout
     assert code == 0 and json.loads(out)["prepared"] == ["mnist"]
     assert json.loads(out)["available"]["mnist"].startswith("tfds:")
+
+
+def test_soft_label_synthetic_counts_right_flagged_and_silent(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import soft_label_synthetic
+
+    argv = ["--kinds", "mixup", "--classes", "10", "--scales", "3", "--victims", "6", "--out", str(tmp_path / "s.json")]
+    assert soft_label_synthetic.main(argv + ["--json", "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [(r["classes"], r["bias"]) for r in rows] == [(10, False), (10, True)]
+    for r in rows:  # K = 10 with moderate logits: every label recovered and accepted (README, "Analytic recovery")
+        assert r["float64"] == r["float32"] == {"correct": 6, "ok_correct": 6, "silent": 0}
+    assert json.loads((tmp_path / "s.json").read_text())["rows"] == rows
