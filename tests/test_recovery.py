@@ -165,6 +165,21 @@ def test_mixup_with_an_extreme_coefficient_is_found_between_grid_points():
         assert np.asarray(grid_only.reason)[0] == recovery.NO_SOLUTION
 
 
+def test_a_candidate_near_the_spurious_end_is_no_rival_of_the_root():
+    """Candidates are ranked by the search's objective, loss / u^2: by their raw loss, other near-valid
+    candidates passed for rivals of the exact root and flagged these victims (confident logits, K = 10) as
+    ambiguous, as a crossing candidate at lam ~ 1e4 (the spurious family near |u| = u_min: y_hat -> one-hot,
+    loss ~ u^2) did for untrained ResNet50 and AlexNet victims. K = 3 keeps the raw loss."""
+    rng = np.random.default_rng(21)
+    mus = rng.uniform(0.001, 0.999, 1000)
+    probs = [problem(rng, 10, "mixup", scale=10.0, mu=m) for m in mus[:384]]
+    G, W, _, _, y, _ = [np.stack(x)[[222, 281, 383]] for x in zip(*probs)]
+    with jax.enable_x64(True):
+        out = recovery.soft_label(jnp.asarray(G), jnp.asarray(W), kind="mixup", errors="flag")
+    assert np.asarray(out.ok).all(), [recovery.REASONS[int(r)] for r in out.reason]
+    assert np.abs(np.asarray(out.label) - y).max() < 1e-9
+
+
 @settings(max_examples=20, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), kind=st.sampled_from(["smoothing", "mixup"]), K=st.sampled_from([3, 10, 100]),
        bias=st.booleans(), eps=st.floats(0.001, 0.499), mu=st.floats(0.001, 0.999))

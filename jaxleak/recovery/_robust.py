@@ -186,12 +186,23 @@ def _robust(G, W, b, kind, cfg: RobustSearch) -> SoftLabel:
     entry_tol, loss_tol = _tolerances(dtype, cfg)
     valid = jax.vmap(lambda y, l: _valid(y, l, kind, entry_tol, loss_tol))(ys, objs)
     objs = jnp.where(jnp.isfinite(objs), objs, jnp.inf)
-    best = jnp.where(jnp.any(valid), jnp.argmin(jnp.where(valid, objs, jnp.inf)), jnp.argmin(objs))
+    # Candidates are compared by the search's own objective, loss / u^2 (its floor for rivals, loss_tol, then in
+    # the same units). By the raw loss the spurious family near |u| = u_min (y_hat -> one-hot, loss ~ u^2) passed
+    # for a rival of the root: on a saturated softmax a crossing candidate at lam ~ 1 / u_min came within 100x
+    # of the root's raw loss and flagged correctly recovered victims as ambiguous (untrained ResNet50/ImageNet
+    # and AlexNet/Flowers-17 with mixup, 2026-12-07). With K = 3 the form is one equation for one unknown,
+    # so any other valid candidate is a genuine rival wherever its u lies: there the raw loss is kept
+    # (compared by loss / u^2, 2-5x more wrong mixup labels were accepted at K = 3 in float32, synthetic).
+    if ys.shape[-1] > 3:
+        norm, floor = objs / (us * us), loss_tol
+    else:
+        norm, floor = objs, 1e-3 * loss_tol
+    best = jnp.where(jnp.any(valid), jnp.argmin(jnp.where(valid, norm, jnp.inf)), jnp.argmin(objs))
     u, y = us[best], ys[best]
     # Two valid candidates with different labels, both at rounding level: the data cannot tell them
     # apart (happens for small K). A rival far above the best root's loss is merely near-valid.
     differs = jnp.max(jnp.abs(ys - y), axis=-1) > 100 * entry_tol
-    rival = objs <= jnp.maximum(100.0 * objs[best], 1e-3 * loss_tol)
+    rival = norm <= jnp.maximum(100.0 * norm[best], floor)
     ambiguous = jnp.any(valid & differs & rival) | _flat_valley(u, y, a, c, b, kind, entry_tol, loss_tol)
     ok = (reason == OK) & valid[best] & ~ambiguous
     reason = jnp.where(reason != OK, reason, jnp.where(~valid[best], NO_SOLUTION, jnp.where(ambiguous, AMBIGUOUS, OK)))
