@@ -183,6 +183,10 @@ def chunk_size_for(fn: Callable, one_victim_args: tuple, num_victims: int, memor
     return int(max(1, min(num_victims, budget // max(1, victim_bytes(fn, *one_victim_args)))))
 
 
+#: The mesh axis the victim axis of a chunk is sharded over (``map_victims(devices=...)``).
+_DEVICE_AXIS = "jaxleak_victim_devices"
+
+
 @functools.lru_cache(maxsize=128)
 def _compiled(
     fn: Callable, in_axes: Optional[tuple], axis_name: Optional[str] = None, devices: Optional[tuple] = None
@@ -205,10 +209,6 @@ def _compiled(
     specs = tuple(P(_DEVICE_AXIS) if ax == 0 else P() for ax in in_axes)
     # check_vma=False: the user's fn may hold primitives without replication rules; every output is per victim.
     return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=P(_DEVICE_AXIS), check_vma=False))
-
-
-#: The mesh axis the victim axis of a chunk is sharded over (``map_victims(devices=...)``).
-_DEVICE_AXIS = "jaxleak_victim_devices"
 
 
 def default_devices(strategy: str) -> tuple:
@@ -343,7 +343,10 @@ def map_victims(
     outs = []
     for s in starts:
         idx = np.minimum(np.arange(s, s + chunk_size), n - 1)  # pad by repeating the last victim
-        out = batched(*(take(a, ax, idx) for a, ax in zip(args, in_axes)))
+        chunk = [take(a, ax, idx) for a, ax in zip(args, in_axes)]
+        if d == 1:  # run where asked (jit follows its arguments' device), not on the default device
+            chunk = jax.device_put(chunk, devices[0])
+        out = batched(*chunk)
         outs.append(jax.tree_util.tree_map(lambda v: v[: min(chunk_size, n - s)], out))
     return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 

@@ -247,6 +247,9 @@ grads = victims.gradients(model.apply, params, x, y, devices=devices, **kw)
 one = victims.gradients(model.apply, params, x, y, devices=devices[:1], **kw)
 for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(one)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+# One device other than the default: the chunk runs there.
+second = victims.gradients(model.apply, params, x, y, devices=devices[1:], **kw)
+assert {l.devices().pop() for l in jax.tree_util.tree_leaves(second)} == {devices[1]}
 
 import dataclasses
 cfg = dataclasses.replace(attacks.PAPER, steps=1, lbfgs=lbfgs.TorchLBFGSConfig(max_iter=2, max_eval=3))
