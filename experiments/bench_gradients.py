@@ -49,12 +49,11 @@ def _time(fn, repeats):
     return first, statistics.median(runs)
 
 
-#: "vmap-sharded" only where "vmap" would keep one of several devices (the CPU with --cpu-devices N).
-STRATEGIES = ("vmap", "loop") + (("vmap-sharded",) if len(jl.victims.default_devices("vmap")) < jax.local_device_count() else ())
-
-
 def run(victims, model_name, shape, classes, repeats, loop_max, log=print):
     model = jl.models.get_model(model_name, classes)
+    # "vmap-sharded" only where "vmap" would keep one of several devices (the CPU with --cpu-devices N).
+    sharded = len(jl.victims.default_devices("vmap")) < jax.local_device_count()
+    strategies = ("vmap", "loop") + (("vmap-sharded",) if sharded else ())
     rows = []
     for v in victims:
         key = jax.random.PRNGKey(v)
@@ -63,7 +62,7 @@ def run(victims, model_name, shape, classes, repeats, loop_max, log=print):
         shared = jl.models.init_uniform(model.init(key, xs[:1]), key)
         stacked = jl.init_victims(model, key, v, shape, init="uniform")
         for per_victim, params in ((False, shared), (True, stacked)):
-            for strategy in STRATEGIES:
+            for strategy in strategies:
                 if strategy == "loop" and v > loop_max:
                     continue
                 devices = jax.local_devices() if strategy == "vmap-sharded" else None
