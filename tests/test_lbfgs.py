@@ -231,7 +231,7 @@ def test_matches_torch_optim_lbfgs():
         vg = jax.value_and_grad(lambda x: 0.5 * x @ jnp.asarray(a) @ x - jnp.asarray(b) @ x + 0.1 * jnp.sum(x**4))
         state = lbfgs.init(jnp.asarray(x0), cfg)
         for _ in range(5):
-            loss_t = float(opt.step(closure))
+            loss_t = float(opt.step(closure).detach())  # the first closure value, as torch returns it
             state, loss_j = lbfgs.update(state, vg, cfg)
             np.testing.assert_allclose(float(loss_j), loss_t, rtol=1e-12)
             np.testing.assert_allclose(np.asarray(state.x), xt.detach().numpy(), rtol=1e-10, atol=1e-12)
