@@ -1,4 +1,4 @@
-"""Why float32 iDLG runs stall above the paper's loss, and what the blocked head changes (README, "Accurate head").
+"""Why float32 iDLG runs stall above the paper's loss, and what the blocked head changes (docs/reproductions.md, "Accurate head").
 
 For chosen victims of the CIFAR-100 iDLG reproduction (same images, networks
 and iDLG starts as ``idlg_reproduction.py --dataset cifar100``, seed 0):

@@ -10,7 +10,7 @@ more confident logits, up to a saturated softmax like an untrained AlexNet's. Pe
 - ``ok_correct``: ``ok`` and correct (what a caller can use);
 - ``silent``: ``ok`` but not correct (wrongly accepted: the failure that matters).
 
-Used for the README's "Analytic recovery" figures (2026-12-07):
+Used for the "Analytic recovery" figures of docs/benchmarks.md (2026-12-07):
 
     python experiments/soft_label_synthetic.py --kinds mixup smoothing --classes 3 10 100 --scales 3 10 30 100
 

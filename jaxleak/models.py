@@ -169,7 +169,7 @@ def blocked_matmul(x: Array, kernel: Array, block: int = 32) -> Array:
     8.4e-6 of float64, PyTorch's to 4.2e-6 and this to 1.7e-6; ``h a^T``
     carries the error of the logits into the head's gradient residual, and
     where the PyTorch-semantics L-BFGS stalls the float32 matching gradient was
-    then mostly rounding noise (README, "accurate head"). ``x`` ``(..., d)``,
+    then mostly rounding noise (docs/reproductions.md, "Accurate head"). ``x`` ``(..., d)``,
     ``kernel`` ``(d, K)``.
     """
     d = x.shape[-1]

@@ -470,7 +470,7 @@ def test_bench_gradients_json_and_quiet(tmp_path, capsys):
 @pytest.mark.slow
 def test_head_precision_blocked_head_cuts_the_gradient_noise(npz_env, monkeypatch, capsys):
     """experiments/head_precision.py: where the dense head's float32 iDLG runs stall, the blocked head rounds the
-    logits less on every victim and its matching gradient is closer to float64 on most (README, "Accurate head":
+    logits less on every victim and its matching gradient is closer to float64 on most (docs/reproductions.md, "Accurate head":
     under the s2d convolutions 0.15 / 0.42 / 0.83 dense against 0.17 / 0.07 / 0.07 blocked on victims 25, 27, 32).
     Which point a chaotic float32 run stalls at changes with any change of rounding, so the gradient is compared
     by the median ratio over three victims, not victim by victim."""
@@ -595,6 +595,6 @@ def test_soft_label_synthetic_counts_right_flagged_and_silent(tmp_path, monkeypa
     assert soft_label_synthetic.main(argv + ["--json", "--quiet"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(r["classes"], r["bias"]) for r in rows] == [(10, False), (10, True)]
-    for r in rows:  # K = 10 with moderate logits: every label recovered and accepted (README, "Analytic recovery")
+    for r in rows:  # K = 10 with moderate logits: every label recovered and accepted (docs/benchmarks.md, "Analytic recovery")
         assert r["float64"] == r["float32"] == {"correct": 6, "ok_correct": 6, "silent": 0}
     assert json.loads((tmp_path / "s.json").read_text())["rows"] == rows
