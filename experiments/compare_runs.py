@@ -3,8 +3,9 @@
 Two runs of the same protocol (say the dense and the blocked head, or two code versions) differ in
 which victims they recover; their headline tables are only comparable on a common set of victims.
 This reads each run's ``victims.jsonl``, keeps the victims present in both, and prints per method the
-label accuracy, the fidelity curve (iDLG Figure 1) and the mean evaluations of each run, and how many
-victims fall below a threshold in one run only::
+label accuracy, the fidelity curve (iDLG Figure 1), the median final MSE, the mean evaluations and the
+evaluations per victim recovered (below a threshold) of each run, and how many victims fall below that
+threshold in one run only::
 
     python experiments/compare_runs.py results/idlg_lfw_blocked docs/results/idlg_lfw_cpu
 
@@ -53,12 +54,17 @@ def compare(a: dict[int, dict], b: dict[int, dict], dataset: str, threshold: flo
            "a": summarise(rows_a, dataset, 0.0)["methods"], "b": summarise(rows_b, dataset, 0.0)["methods"],
            "only": {}}
     for method in METHODS:
-        ok_a = np.array([r[method]["mse"] < threshold for r in rows_a], dtype=bool)
-        ok_b = np.array([r[method]["mse"] < threshold for r in rows_b], dtype=bool)
-        out["only"][method] = {"a": int(np.sum(ok_a & ~ok_b)), "b": int(np.sum(ok_b & ~ok_a))}
-    for run in ("a", "b"):
-        for m in out[run].values():
-            del m["mse"], m["paper"], m["seconds_per_victim"]
+        ok = {}
+        for run, rows in (("a", rows_a), ("b", rows_b)):
+            m = out[run][method]
+            mse = np.asarray(m.pop("mse"), dtype=np.float64)
+            ok[run] = mse < threshold
+            m["median_mse"] = float(np.median(mse)) if len(mse) else None
+            # Every try's evaluations, failed ones included, per victim the run recovered (None: none recovered).
+            m["evals_per_recovered"] = (float(sum(r[method]["evals"] for r in rows) / ok[run].sum())
+                                        if ok[run].any() else None)
+            del m["paper"], m["seconds_per_victim"]
+        out["only"][method] = {"a": int(np.sum(ok["a"] & ~ok["b"])), "b": int(np.sum(ok["b"] & ~ok["a"]))}
     return out
 
 
@@ -88,7 +94,8 @@ def main(argv=None) -> int:
             m = res[run][method]
             print(f"{method:5s} {run.upper()}: label {100 * m['label_accuracy']:.1f} %, fidelity "
                   + " / ".join(f"{100 * v:.1f}" for v in m["fidelity"].values())
-                  + f", mean evals {m['mean_evals']:,.0f}, diverged {m['diverged']}, gave up {m['gave_up']}, stalled {m['stalled']}")
+                  + f", median MSE {m['median_mse']:.2g}, mean evals {m['mean_evals']:,.0f}, evals per victim below "
+                  + f"{args.threshold:g} {m['evals_per_recovered'] or float('nan'):,.0f}, diverged {m['diverged']}, gave up {m['gave_up']}, stalled {m['stalled']}")
         only = res["only"][method]
         print(f"{method:5s} below {args.threshold:g} in A only: {only['a']}, in B only: {only['b']}")
     return 0

@@ -250,6 +250,9 @@ def test_compare_runs_counts_only_the_common_victims(monkeypatch, tmp_path, caps
     assert res["a"]["dlg"]["label_accuracy"] == 0.5 and res["b"]["dlg"]["label_accuracy"] == 1.0
     assert res["a"]["idlg"]["fidelity"]["0.0001"] == 1.0 and res["b"]["idlg"]["fidelity"]["0.0001"] == 0.5
     assert res["only"] == {"dlg": {"a": 0, "b": 1}, "idlg": {"a": 1, "b": 0}}
+    assert res["a"]["idlg"]["median_mse"] == pytest.approx(3e-5) and res["b"]["idlg"]["median_mse"] == pytest.approx(1.005e-3)
+    # 10 evaluations per victim: 20 over 2 recovered (A), over 1 (B)
+    assert res["a"]["idlg"]["evals_per_recovered"] == 10.0 and res["b"]["idlg"]["evals_per_recovered"] == 20.0
     assert compare_runs.main([str(a), str(b), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["only"] == res["only"]
     assert compare_runs.main([str(a), str(b), "--json", "--victims", "1", "9"]) == 0
