@@ -55,13 +55,13 @@ def compare(a: dict[int, dict], b: dict[int, dict], dataset: str, threshold: flo
            "only": {}}
     for method in METHODS:
         ok = {}
-        for run, rows in (("a", rows_a), ("b", rows_b)):
+        for run in ("a", "b"):
             m = out[run][method]
             mse = np.asarray(m.pop("mse"), dtype=np.float64)
             ok[run] = mse < threshold
             m["median_mse"] = float(np.median(mse)) if len(mse) else None
             # Every try's evaluations, failed ones included, per victim the run recovered (None: none recovered).
-            m["evals_per_recovered"] = (float(sum(r[method]["evals"] for r in rows) / ok[run].sum())
+            m["evals_per_recovered"] = (float(m["mean_evals"] * len(mse) / ok[run].sum())
                                         if ok[run].any() else None)
             del m["paper"], m["seconds_per_victim"]
         out["only"][method] = {"a": int(np.sum(ok["a"] & ~ok["b"])), "b": int(np.sum(ok["b"] & ~ok["a"]))}
