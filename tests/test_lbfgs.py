@@ -208,6 +208,35 @@ def test_axis_name_equals_plain_vmap():
         assert int(named.n_iter[3]) == int(after_first.n_iter) and int(named.func_evals[3]) == int(after_first.func_evals)
 
 
+def test_axis_name_skips_the_batch_evaluation_no_member_makes():
+    """Under a plain vmap the inner loop's cond on the batched ``do_eval`` is a select: the closure runs
+    for the whole batch at every iteration, also the last, which ends on max_iter and evaluates for
+    nobody. With the axis named it runs only where some member evaluates: here max_iter = 4 iterations
+    of which 3 evaluate (the 4th ends the step), for both members, so 3 batched calls instead of 4."""
+    calls = []
+    a = jnp.asarray(np.diag(np.linspace(1.0, 4.0, 6)))
+    bs = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6)), jnp.float32)
+    cfg = lbfgs.TorchLBFGSConfig(max_iter=4, tolerance_grad=0.0, tolerance_change=0.0)
+
+    def run(b, axis_name=None):
+        def vg(x):
+            jax.debug.callback(lambda: calls.append(1))  # no batched argument: once per batched evaluation
+            return _quadratic(a, b)(x)
+
+        s = lbfgs.init(jnp.zeros(6), cfg)
+        value, grad = _quadratic(a, b)(s.x)  # the step's first evaluation, given: not counted
+        return lbfgs.update(s, vg, cfg, value, grad, axis_name=axis_name)[0]
+
+    counted = {}
+    for name, fn in (("plain", jax.vmap(run)), ("named", jax.vmap(lambda b: run(b, "v"), axis_name="v"))):
+        calls.clear()
+        state = jax.block_until_ready(jax.jit(fn)(bs))
+        jax.effects_barrier()
+        counted[name] = len(calls)
+        assert np.asarray(state.n_iter).tolist() == [4, 4] and np.asarray(state.func_evals).tolist() == [4, 4]
+    assert counted == {"plain": 4, "named": 3}
+
+
 def test_matches_torch_optim_lbfgs():
     torch = pytest.importorskip("torch", reason="the optional 'bench' extra (torch) is not installed")
     rng = np.random.default_rng(2)
