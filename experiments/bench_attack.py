@@ -38,6 +38,7 @@ jaxleak's best defaults with the reference's protocol; ``paper``'s compares the 
     python experiments/bench_attack.py --victims 8 --strategies loop vmap --torch-victims 0   # driver default
     python experiments/bench_attack.py --victims 16 --strategies processes loop --torch-victims 0  # pinned workers
     python experiments/bench_attack.py --victims 64 --strategies vmap vmap-plain --torch-victims 0  # AttackConfig.victim_axis
+    python experiments/bench_attack.py --victims 64 --strategies vmap --torch-victims 0 --breakdown  # objective vs L-BFGS
     python experiments/bench_attack.py --victims 8 --convs xla slices s2d --torch-victims 2   # LeNet's conv="auto"
     OMP_WAIT_POLICY=PASSIVE python experiments/bench_attack.py --victims 16 --strategies processes --heads dense blocked --torch-victims 8 --torch-workers 2  # LeNet's head="auto"
 """
@@ -63,8 +64,9 @@ cpu_devices_flag()
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-from jaxleak import attacks, metrics, models, processes, victims
+from jaxleak import attacks, lbfgs, metrics, models, processes, recovery, victims
 from jaxleak.cli import ScriptOutput, add_output_flags
 
 # The iDLG attack's optimiser by name: the reference's protocol, or jaxleak's best defaults.
@@ -157,6 +159,108 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     seconds = time.time() - t
     return _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, compile_s=compile_s,
                        devices={"loop": len(devices), "vmap": len(sharded)}.get(strategy, 1), device_kind=devices[0].device_kind)
+
+
+BREAKDOWN_STRATEGIES = ("vmap", "vmap-plain", "loop")
+
+
+def breakdown(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int,
+              warmup: int = 5, repeats: int = 5) -> dict:
+    """Where an L-BFGS step's time goes under ``strategy``, timed apart from the attack's outer loop.
+
+    iDLG's objective (the label read off the gradient) and ``config``'s PyTorch-semantics L-BFGS from
+    N(0, 1) starts, mapped as the attack maps them: ``vmap`` (all V victims, the named victim axis),
+    ``vmap-plain`` (all V, a plain vmap) or ``loop`` (victim 0 alone, unbatched), on one device:
+
+    * ``objective_ms``: one value and gradient of the matching objective (all victims at once), timed
+      as a loop of ``max_iter`` evaluations, each from the last one's iterate, inside one program (a
+      call of its own would add the dispatch that the step does not pay per evaluation);
+    * ``step_ms``: one outer step (the objective at the iterate, then ``lbfgs.update``, whose inner
+      loop calls it), from the state reached after ``warmup`` outer steps, so the history is
+      near full (20 iterations a step, 100 pairs at most; ``history_pairs``: the fewest any victim
+      holds); the median of ``repeats`` runs from that same state, as is ``objective_ms``;
+    * ``step_iterations`` / ``step_evals``: the most inner iterations / evaluations any victim made
+      in that step. The inner loop runs until its last victim stops; under a plain vmap its
+      ``lax.cond`` becomes a select, so the objective runs ``1 + step_iterations`` times
+      (``objective_calls``), evaluations or not; on the victim axis it runs at the iterations
+      where some victim evaluates, and unbatched where the victim does: ``step_evals`` times;
+    * ``lbfgs_ms_per_iteration``: the rest of the step per inner iteration (direction, history,
+      Gram updates, loop control): ``(step_ms - objective_calls * objective_ms) / step_iterations``;
+    * ``objective_share``: ``objective_calls * objective_ms / step_ms``.
+    """
+    if config.optimizer != "torch_lbfgs":
+        raise ValueError(f"the breakdown times the PyTorch-semantics L-BFGS, not {config.optimizer!r}")
+    if strategy not in BREAKDOWN_STRATEGIES:
+        raise ValueError(f"the breakdown maps victims as one of {BREAKDOWN_STRATEGIES}, not {strategy!r}")
+    kernel_grad = models.last_layer(grads)[0]
+    labels = jax.nn.one_hot(recovery.idlg_label(kernel_grad, method="rowsum"), kernel_grad.shape[-1])
+    starts = jax.random.normal(jax.random.PRNGKey(seed + 2), (x.shape[0], x[0].size), x.dtype)
+    axis = attacks.VICTIM_AXIS if strategy == "vmap" else None
+    shape = x.shape[1:]
+    chain = config.lbfgs.max_iter
+
+    def precise(fn):  # as attacks._optimise traces the loops: under config.precision
+        def wrapped(*a):
+            if config.precision is None:
+                return fn(*a)
+            with jax.default_matmul_precision(config.precision):
+                return fn(*a)
+        return wrapped
+
+    def value_and_grad(p, g, label):
+        objective = attacks._objective(model.apply, p, g, config, label)
+        return jax.value_and_grad(lambda f: objective({"x": f.reshape(shape)}))
+
+    @precise
+    def objective(p, g, label, flat):  # `chain` evaluations in a loop, as the step makes them (no dispatch between)
+        vg = value_and_grad(p, g, label)
+
+        def body(_, c):
+            loss, grad = vg(c[0])
+            return c[0] - 1e-9 * grad, c[1] + loss  # each depends on the last: nothing hoisted out of the loop
+
+        return lax.fori_loop(0, chain, body, (flat, jnp.zeros((), flat.dtype)))
+
+    @precise
+    def step(p, g, label, state):
+        vg = value_and_grad(p, g, label)
+        loss, grad = vg(state.x)
+        return lbfgs.update(state, vg, config.lbfgs, loss, grad, axis_name=axis)[0]
+
+    init = lambda flat: lbfgs.init(flat, config.lbfgs)
+    if strategy == "loop":
+        take = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)
+        args = (take(params), take(grads), labels[0])
+        objective, step, flat = jax.jit(objective), jax.jit(step), starts[0]
+        state = jax.jit(init)(flat)
+    else:
+        args = (params, grads, labels)
+        objective = jax.jit(jax.vmap(objective, axis_name=axis))
+        step = jax.jit(jax.vmap(step, axis_name=axis))
+        flat = starts
+        state = jax.jit(jax.vmap(init))(flat)
+    for _ in range(warmup):  # the first call compiles
+        state = jax.block_until_ready(step(*args, state))
+
+    def median_ms(fn, *a):
+        jax.block_until_ready(fn(*a))  # compiled, and warm
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            out = jax.block_until_ready(fn(*a))
+            times.append(time.perf_counter() - t)
+        return 1000 * float(np.median(times)), out
+
+    objective_ms = median_ms(objective, *args, state.x)[0] / chain
+    step_ms, after = median_ms(step, *args, state)
+    iterations = int(np.max(after.n_iter - state.n_iter))
+    evals = int(np.max(after.func_evals - state.func_evals))
+    calls = 1 + iterations if strategy == "vmap-plain" else evals
+    return {"strategy": strategy, "victims": 1 if strategy == "loop" else int(x.shape[0]), "warmup_steps": warmup,
+            "history_pairs": int(np.min(state.count)), "objective_ms": objective_ms, "step_ms": step_ms,
+            "step_iterations": iterations, "step_evals": evals, "objective_calls": calls,
+            "lbfgs_ms_per_iteration": (step_ms - calls * objective_ms) / max(iterations, 1),
+            "objective_share": calls * objective_ms / step_ms}
 
 
 def _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, **info) -> dict:
@@ -270,6 +374,9 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--data", type=pathlib.Path, default=None,
                    help="folder of cifar100_subset.npz (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time, for each vmap, vmap-plain or loop row of a PyTorch-semantics config, one value and gradient "
+                        "of the objective and one outer L-BFGS step apart from the attack (breakdown(): where a step's time goes)")
     p.add_argument("--out", type=pathlib.Path, default=None, help="write all rows (with per-victim MSE) to this JSON file")
     add_output_flags(p)
     args = p.parse_args(argv)
@@ -304,8 +411,14 @@ def main(argv=None) -> int:
             flops = flops_per_evaluation(model, params, grads, x, y_int, config)
             for strategy in args.strategies:
                 s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
+                parts = None
+                if args.breakdown and s in BREAKDOWN_STRATEGIES and config.optimizer == "torch_lbfgs":
+                    # Before the attack, and reported at once: a run stopped during a long attack keeps it in its log.
+                    parts = breakdown(model, params, grads, x, s, config, args.seed)
+                    o.report(json.dumps({"V": v, "config": name, "conv": conv, "head": head, "breakdown": parts}))
                 rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "head": head, "steps": config.steps,
-                             **bench_jax(model, params, grads, x, s, config, args.seed, flops)})
+                             **bench_jax(model, params, grads, x, s, config, args.seed, flops),
+                             **({} if parts is None else {"breakdown": parts})})
                 # A retried victim's x' before step 0 is its last try's start: the reference takes a first try's.
                 run_starts = rows[-1].pop("starts")
                 if starts is None or not config.retries and from_retries:

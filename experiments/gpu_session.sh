@@ -5,6 +5,8 @@
 #   1. the devices and versions;
 #   2. bench_attack at V = 64 (GPU_V_SMALL) with the named victim axis (AttackConfig.victim_axis) against a plain vmap;
 #   3. bench_attack at V = 1,024 (GPU_V_LARGE) (the goal: <= 30 s on one H100), with the fraction of peak FLOP/s;
+#      both with --breakdown: before each attack, one batched objective evaluation and one outer L-BFGS step
+#      timed apart (bench_attack.breakdown), so a slow run says whether the network or the optimiser is slow;
 #   4. the iDLG reproduction on LFW (5,749 classes), 1,000 victims, for GPU_LFW_S seconds (default 120);
 #   5. the iDLG reproduction on CIFAR-100 for GPU_CIFAR_S seconds, only when set: its 1,000 victims
 #      ran on the CPU (docs/results/idlg_cifar100_cpu), LFW's would take ~9 h there;
@@ -48,10 +50,10 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a limit, logging to
 V_SMALL=${GPU_V_SMALL:-64} V_LARGE=${GPU_V_LARGE:-1024} N_REPRO=${GPU_REPRO_VICTIMS:-1000}
 STEPS=${GPU_STEPS:+--steps $GPU_STEPS}  # unset: each script's default (the paper's 300)
 step env 60 bash -c 'nvidia-smi -L; python3 -c "import jax, flax, optax, dm_pix; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())"'
-step bench_small "${GPU_BENCH_SMALL_S:-150}" python3 experiments/bench_attack.py --victims "$V_SMALL" --strategies vmap vmap-plain \
-    --torch-victims 0 $STEPS --out "$OUT/bench_small.json"
+step bench_small "${GPU_BENCH_SMALL_S:-180}" python3 experiments/bench_attack.py --victims "$V_SMALL" --strategies vmap vmap-plain \
+    --torch-victims 0 $STEPS --breakdown --out "$OUT/bench_small.json"
 step bench_large "${GPU_BENCH_LARGE_S:-200}" python3 experiments/bench_attack.py --victims "$V_LARGE" --strategies vmap \
-    --torch-victims 0 $STEPS --out "$OUT/bench_large.json"
+    --torch-victims 0 $STEPS --breakdown --out "$OUT/bench_large.json"
 if [ "${GPU_VARIANTS_S:-0}" -gt 0 ]; then
     step bench_variants "$GPU_VARIANTS_S" python3 experiments/bench_attack.py --victims "$V_SMALL" --strategies vmap \
         --heads dense blocked --convs patches s2d --torch-victims 0 $STEPS --out "$OUT/bench_variants.json"
