@@ -12,6 +12,7 @@ on chunking.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pathlib
 import time
@@ -26,11 +27,14 @@ from jaxleak import data as _data
 from jaxleak import labels as _labels
 from jaxleak import metrics as _metrics
 from jaxleak import models as _models
+from jaxleak import processes as _processes
 from jaxleak import recovery as _recovery
 from jaxleak import report as _report
 from jaxleak import victims as _victims
 
 ATTACK_NAMES = ("idlg", "dlg", "ig", "soft-label", "labels")
+#: How :func:`run_audit` maps a chunk's attacks over its victims (``attacks.attack_victims``' strategies).
+STRATEGIES = ("auto", "loop", "vmap", "processes")
 LABEL_REGIMES = ("onehot", "smoothing", "mixup")
 #: Input sizes the reference networks were built for (others keep the dataset's size, 32 if larger than 64).
 MODEL_SIZES = {"fcn4": 64, "alexnet": 224, "resnet50": 224}
@@ -177,6 +181,7 @@ def run_audit(
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
+    strategy: str = "auto",
 ) -> dict[str, Any]:
     """Runs one audit and writes its folder; returns the summary (also in ``results.json``).
 
@@ -184,7 +189,19 @@ def run_audit(
     (reconstructions per chunk), ``results.json``, ``results.csv`` and the
     figures ``reconstructions.png``, ``fidelity.png``, ``label_error.png``
     (soft labels).
+
+    ``strategy``: how each chunk's attacks are mapped over its victims
+    (``jaxleak.attacks.attack_victims``): ``"auto"`` (the backend's
+    ``attacks.DEFAULT_STRATEGY``), ``"loop"``, ``"vmap"`` or ``"processes"``
+    (pinned single-device worker processes, one per core up to ``chunk_size``,
+    started once for the whole run; a script that calls this needs the
+    ``if __name__ == "__main__":`` guard of ``multiprocessing``'s spawn).
+    How, not what: it is not part of the config, and a run may resume under
+    another strategy (the loop and the processes give the same bits, vmap
+    the same maths in another float32 rounding).
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
     out = _report.ensure_writable(out_dir)
     cfg_dict = dataclasses.asdict(config)
     done = _report.start_run(out, cfg_dict, resume=resume)
@@ -209,69 +226,74 @@ def run_audit(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="victims", unit="chunk", total=len(starts))
-    for start in starts:
-        ids = np.arange(start, min(config.victims, start + config.chunk_size))
-        t0 = time.perf_counter()
-        x, pix, y = _victim_batch(config, dataset, plan, ids, size, num_classes)
-        variables = _victims.init_victims(model, model_keys[ids], len(ids), shape, init=config.init)
-        grads = _victims.gradients(model.apply, variables, x, y, per_victim_params=True)
-        G, db = _models.last_layer(grads)
-        W, b = _models.last_layer(variables)
-        idlg_cls = np.asarray(_recovery.idlg_label(G, method="rowsum"))
-        soft = None
-        if config.attack == "soft-label" or config.labels != "onehot":
-            soft = _recovery.soft_label(G, W, kind=kind, bias=b, bias_grad=db, search=config.search, errors="flag")
-        result = None
-        if config.attack == "idlg":
-            result = _attacks.attack_victims("idlg", attack_keys[ids], model.apply, variables, grads, shape, config=acfg)
-        elif config.attack == "dlg":
-            result = _attacks.attack_victims("dlg", attack_keys[ids], model.apply, variables, grads, shape, config=acfg)
-        elif config.attack in ("ig", "soft-label"):
-            if soft is not None:
-                lab = jnp.where(jnp.asarray(soft.ok)[:, None], soft.label, _labels.one_hot(idlg_cls, num_classes))
-            else:
-                lab = _labels.one_hot(idlg_cls, num_classes)
-            name = "inverting_gradients" if config.attack == "ig" else "given_label"
-            result = _attacks.attack_victims(name, attack_keys[ids], model.apply, variables, grads, shape, lab, config=acfg)
-        jax.block_until_ready(grads)
-        seconds = time.perf_counter() - t0
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if strategy == "processes" and config.attack != "labels" and starts:  # started once, for every chunk
+            pool = stack.enter_context(_processes.WorkerPool(_processes.pool_size(min(config.chunk_size, config.victims))))
+        attack = lambda name, *a: _attacks.attack_victims(name, *a, config=acfg, strategy=strategy, pool=pool)
+        for start in starts:
+            ids = np.arange(start, min(config.victims, start + config.chunk_size))
+            t0 = time.perf_counter()
+            x, pix, y = _victim_batch(config, dataset, plan, ids, size, num_classes)
+            variables = _victims.init_victims(model, model_keys[ids], len(ids), shape, init=config.init)
+            grads = _victims.gradients(model.apply, variables, x, y, per_victim_params=True)
+            G, db = _models.last_layer(grads)
+            W, b = _models.last_layer(variables)
+            idlg_cls = np.asarray(_recovery.idlg_label(G, method="rowsum"))
+            soft = None
+            if config.attack == "soft-label" or config.labels != "onehot":
+                soft = _recovery.soft_label(G, W, kind=kind, bias=b, bias_grad=db, search=config.search, errors="flag")
+            result = None
+            if config.attack == "idlg":
+                result = attack("idlg", attack_keys[ids], model.apply, variables, grads, shape)
+            elif config.attack == "dlg":
+                result = attack("dlg", attack_keys[ids], model.apply, variables, grads, shape)
+            elif config.attack in ("ig", "soft-label"):
+                if soft is not None:
+                    lab = jnp.where(jnp.asarray(soft.ok)[:, None], soft.label, _labels.one_hot(idlg_cls, num_classes))
+                else:
+                    lab = _labels.one_hot(idlg_cls, num_classes)
+                name = "inverting_gradients" if config.attack == "ig" else "given_label"
+                result = attack(name, attack_keys[ids], model.apply, variables, grads, shape, lab)
+            jax.block_until_ready(grads)
+            seconds = time.perf_counter() - t0
 
-        records = []
-        true_cls = np.asarray(jnp.argmax(y, -1))
-        if result is not None:
-            rec = jnp.asarray(result["reconstruction"])
-            rec_pix = _data.denormalize(rec) if config.normalize else rec
-            mse = np.asarray(_metrics.mse(rec_pix, pix))
-            psnr = np.asarray(_metrics.psnr(rec_pix, pix))
-            ssim = np.asarray(_metrics.ssim(rec_pix, pix))
-            np.savez_compressed(out / f"recon_{start:06d}.npz", victims=ids, original=np.asarray(pix),
-                                reconstruction=np.asarray(rec_pix))
-        for j, i in enumerate(ids):
-            r: dict[str, Any] = {"victim": int(i), "image": int(plan["index"][i]), "true_class": int(true_cls[j]),
-                                 "idlg_class": int(idlg_cls[j]), "idlg_correct": bool(idlg_cls[j] == true_cls[j])}
-            if config.labels == "smoothing":
-                r["epsilon"] = float(plan["epsilon"][i])
-            if config.labels == "mixup":
-                r["partner"] = int(plan["partner"][i])
-                r["mu"] = float(plan["mu"][i])
-            if soft is not None:
-                err = float(jnp.max(jnp.abs(soft.label[j] - y[j])))
-                r.update(soft_ok=bool(soft.ok[j]), soft_reason=_recovery.REASONS[int(soft.reason[j])],
-                         soft_class=int(jnp.argmax(soft.label[j])), soft_max_error=err,
-                         soft_correct=bool(err < 1e-3))
-                if config.labels == "smoothing":
-                    r["epsilon_hat"] = float(soft.epsilon[j])
-                if config.labels == "mixup":
-                    r["mu_hat"] = float(soft.mu[j])
+            records = []
+            true_cls = np.asarray(jnp.argmax(y, -1))
             if result is not None:
-                r.update(attack_class=int(result["label_index"][j]),
-                         attack_correct=bool(result["label_index"][j] == true_cls[j]),
-                         mse=float(mse[j]), psnr=float(psnr[j]), ssim=float(ssim[j]),
-                         loss=float(result["loss"][j]), steps=int(result["steps"][j]), evals=int(result["evals"][j]))
-            r["chunk_seconds"] = seconds
-            records.append(r)
-        _report.append_records(out, records)
-        done.extend(records)
+                rec = jnp.asarray(result["reconstruction"])
+                rec_pix = _data.denormalize(rec) if config.normalize else rec
+                mse = np.asarray(_metrics.mse(rec_pix, pix))
+                psnr = np.asarray(_metrics.psnr(rec_pix, pix))
+                ssim = np.asarray(_metrics.ssim(rec_pix, pix))
+                np.savez_compressed(out / f"recon_{start:06d}.npz", victims=ids, original=np.asarray(pix),
+                                    reconstruction=np.asarray(rec_pix))
+            for j, i in enumerate(ids):
+                r: dict[str, Any] = {"victim": int(i), "image": int(plan["index"][i]), "true_class": int(true_cls[j]),
+                                     "idlg_class": int(idlg_cls[j]), "idlg_correct": bool(idlg_cls[j] == true_cls[j])}
+                if config.labels == "smoothing":
+                    r["epsilon"] = float(plan["epsilon"][i])
+                if config.labels == "mixup":
+                    r["partner"] = int(plan["partner"][i])
+                    r["mu"] = float(plan["mu"][i])
+                if soft is not None:
+                    err = float(jnp.max(jnp.abs(soft.label[j] - y[j])))
+                    r.update(soft_ok=bool(soft.ok[j]), soft_reason=_recovery.REASONS[int(soft.reason[j])],
+                             soft_class=int(jnp.argmax(soft.label[j])), soft_max_error=err,
+                             soft_correct=bool(err < 1e-3))
+                    if config.labels == "smoothing":
+                        r["epsilon_hat"] = float(soft.epsilon[j])
+                    if config.labels == "mixup":
+                        r["mu_hat"] = float(soft.mu[j])
+                if result is not None:
+                    r.update(attack_class=int(result["label_index"][j]),
+                             attack_correct=bool(result["label_index"][j] == true_cls[j]),
+                             mse=float(mse[j]), psnr=float(psnr[j]), ssim=float(ssim[j]),
+                             loss=float(result["loss"][j]), steps=int(result["steps"][j]), evals=int(result["evals"][j]))
+                r["chunk_seconds"] = seconds
+                records.append(r)
+            _report.append_records(out, records)
+            done.extend(records)
 
     summary = summarize(config, done)
     _report.write_results(out, cfg_dict, summary, done)

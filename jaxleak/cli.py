@@ -79,6 +79,10 @@ def _add_attack(sub) -> None:
     p.add_argument("--search", default=d.search, choices=["robust", "paper"], help="soft-label search")
     p.add_argument("--normalize", action="store_true", help="CIFAR-10 mean/std normalisation (paper 2)")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="victims per chunk (results saved per chunk)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap", "processes"],
+                   help="how a chunk's attacks run: loop (one victim at a time), vmap (all at once), processes (one "
+                        "pinned worker process per CPU core, up to --chunk-size; the same results as loop); auto: "
+                        "processes on a CPU with several cores, else the backend's default (vmap on a GPU)")
     p.add_argument("--out", default="jaxleak-run", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_common(p)
@@ -99,13 +103,31 @@ def _add_common(p) -> None:
     p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary on stdout")
 
 
+def _attack_strategy(name: str) -> str:
+    """``jaxleak attack --strategy auto``: pinned worker processes on a CPU with several cores, else ``name``.
+
+    ``run_audit``'s own ``"auto"`` (a library call, maybe from a script without the ``__main__`` guard that
+    ``multiprocessing``'s spawn needs) keeps ``attacks.DEFAULT_STRATEGY``; this command is spawn-safe. The
+    default job (16 iDLG victims, 100 steps) ran in 20.8-24.3 s against 29.2-34.1 s for the loop on the
+    2-core Zen 5 CPU, with the same records (2026-12-07).
+    """
+    import jax
+
+    from jaxleak import processes
+
+    if name == "auto" and jax.default_backend() == "cpu" and len(processes.available_cores()) > 1:
+        return "processes"
+    return name
+
+
 def _cmd_attack(args) -> int:
     from jaxleak import audit
 
     fields = {f.name for f in dataclasses.fields(audit.AuditConfig)}
     cfg = audit.AuditConfig(**{k: v for k, v in vars(args).items() if k in fields})
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
-    summary = audit.run_audit(cfg, args.out, resume=args.resume, progress=not args.quiet, log=log)
+    summary = audit.run_audit(cfg, args.out, resume=args.resume, progress=not args.quiet, log=log,
+                              strategy=_attack_strategy(args.strategy))
     out = pathlib.Path(args.out)
     if args.json:
         print(to_json({"out": str(out), "summary": summary}))

@@ -118,6 +118,36 @@ def test_attack_labels_only_resumes_without_recomputing(tmp_path, capsys):
         assert {k: v for k, v in a.items() if k != "chunk_seconds"} == {k: v for k, v in b.items() if k != "chunk_seconds"}
 
 
+def test_attack_auto_runs_idlg_in_worker_processes_with_the_loops_records(tmp_path, capsys, monkeypatch):
+    """The main job with a reconstruction attack. On a multi-core CPU `--strategy auto` runs the attacks in
+    pinned worker processes, one pool for every chunk, and writes the records the loop writes, bit for bit."""
+    from jaxleak import audit, processes
+
+    pools = []
+
+    class Pool(processes.WorkerPool):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            pools.append(self.workers)
+
+    monkeypatch.setattr(audit._processes, "WorkerPool", Pool)
+    several = len(processes.available_cores()) > 1
+    assert cli._attack_strategy("auto") == ("processes" if several else "auto") and cli._attack_strategy("loop") == "loop"
+    base = ["attack", "--victims", "3", "--steps", "2", "--chunk-size", "2", "--quiet", "--json"]
+    records = {}
+    for strategy in ("loop", "auto"):
+        code, out, err = _run(capsys, *base, "--strategy", strategy, "--out", str(tmp_path / strategy))
+        assert code == 0, err[-2000:]
+        assert json.loads(out)["summary"]["victims"] == 3
+        records[strategy] = [{k: v for k, v in r.items() if k != "chunk_seconds"} for r in report.load_records(tmp_path / strategy)]
+    assert pools == ([2] if several else [])  # two chunks, one pool of min(cores, chunk size) workers
+    assert records["auto"] == records["loop"] and all(r["idlg_correct"] and np.isfinite(r["mse"]) for r in records["loop"])
+    for name in ("results.json", "results.csv", "reconstructions.png", "fidelity.png"):
+        assert (tmp_path / "auto" / name).is_file(), name
+    with pytest.raises(ValueError, match="unknown strategy 'threads'"):
+        audit.run_audit(audit.AuditConfig(), tmp_path / "never", strategy="threads")
+
+
 # --------------------------------------------------------------------------
 # reproduce / bench: every script takes --quiet and --json (one JSON document on stdout, nothing else)
 # --------------------------------------------------------------------------
