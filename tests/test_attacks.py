@@ -78,7 +78,8 @@ def test_masking_stops_finished_victims(tiny):
     np.testing.assert_allclose(batched.x[finished], single.x, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+# (vmap: in the slow selection; test_retries_under_vmap_equal_the_loop runs the rule under vmap by default)
+@pytest.mark.parametrize("strategy", ["loop", pytest.param("vmap", marks=pytest.mark.slow)])
 def test_give_up_abandons_the_victims_above_its_loss(tiny, strategy):
     """AttackConfig.give_up=(1, c): the victim whose loss after step 1 is at or above c stops there, reported
     by gave_up, with the iterate and history of a plain run's first two steps; the other runs on."""
@@ -154,7 +155,7 @@ def test_gave_up_is_not_a_converged_run(tiny):
     assert not bool(attacks.gave_up(res, attacks.PAPER))  # no give_up: never
 
 
-@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", pytest.param("vmap", marks=pytest.mark.slow)])
 def test_stall_stops_the_victim_that_stopped_improving(tiny, strategy):
     """AttackConfig.stall=(c, r), checked every step: at the check after step 1 the victim whose loss fell by less
     than 1/r since step 0 stops, reported by stalled (not gave_up, so retries leave it alone:
@@ -214,7 +215,8 @@ def _batched_while_predicates(jaxpr) -> int:
 
 @pytest.mark.parametrize("config", [
     dataclasses.replace(attacks.PAPER, steps=6, lbfgs=lbfgs.TorchLBFGSConfig(max_iter=4), check_every=1, stop_loss=0.0),
-    dataclasses.replace(attacks.OPTAX_LBFGS, steps=6, check_every=1, stop_loss=0.0),
+    # optax's L-BFGS shares the first-order loop with Adam (its line search has loops of its own): slow selection
+    pytest.param(dataclasses.replace(attacks.OPTAX_LBFGS, steps=6, check_every=1, stop_loss=0.0), marks=pytest.mark.slow),
     dataclasses.replace(attacks.INVERTING_GRADIENTS, steps=6, check_every=1, stop_loss=0.0),
 ], ids=["torch_lbfgs", "optax_lbfgs", "adam"])
 def test_victim_axis_equals_plain_vmap(tiny, config):

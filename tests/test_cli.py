@@ -351,7 +351,7 @@ def test_bench_attack_give_up_runs_both_arms(npz_env, monkeypatch, capsys):
     assert "--retries needs --give-up" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("check_every", [1, 2])
+@pytest.mark.parametrize("check_every", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_give_up_study_predicts_the_engines_rule(tiny, monkeypatch, check_every):
     """give_up_study.gives_up, applied to a plain run's histories, abandons the victims the engine's
     AttackConfig.give_up abandons, at each candidate threshold."""
@@ -375,6 +375,7 @@ def test_give_up_study_predicts_the_engines_rule(tiny, monkeypatch, check_every)
     assert abandoned[:2] == [2, 1]  # below both losses at the rule's first check: both; between them: one
 
 
+@pytest.mark.slow
 def test_stall_study_predicts_the_engines_rule(tiny, monkeypatch):
     """give_up_study.stalls, applied to a plain run's histories, gives the outer steps the engine's
     AttackConfig.stall runs, at ratios below, between and above the two victims' first falls."""
@@ -468,6 +469,7 @@ def test_bench_attack_pairs_the_reference_with_a_first_try_start(npz_env, monkey
     capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_bench_attack_processes_warm_and_cold(npz_env, tmp_path, capsys):
     # "processes" starts its pool and compiles before the clock (a warm-up victim per worker, timed as
     # compile_s), "processes-cold" inside it; the same victims give the same results either way.
