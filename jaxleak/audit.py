@@ -226,10 +226,10 @@ def run_audit(
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc="victims", unit="chunk", total=len(starts))
-    with contextlib.ExitStack() as stack:
-        pool = None
-        if strategy == "processes" and config.attack != "labels" and starts:  # started once, for every chunk
-            pool = stack.enter_context(_processes.WorkerPool(_processes.pool_size(min(config.chunk_size, config.victims))))
+    # One pool for every chunk (as idlg_reproduction.py's), when there is an attack to run.
+    use_pool = strategy == "processes" and config.attack != "labels" and starts
+    with (_processes.WorkerPool(_processes.pool_size(min(config.chunk_size, config.victims))) if use_pool
+          else contextlib.nullcontext()) as pool:
         attack = lambda name, *a: _attacks.attack_victims(name, *a, config=acfg, strategy=strategy, pool=pool)
         for start in starts:
             ids = np.arange(start, min(config.victims, start + config.chunk_size))
