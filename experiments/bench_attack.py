@@ -201,9 +201,7 @@ def breakdown(model, params, grads, x, strategy: str, config: attacks.AttackConf
 
     def precise(fn):  # as attacks._optimise traces the loops: under config.precision
         def wrapped(*a):
-            if config.precision is None:
-                return fn(*a)
-            with jax.default_matmul_precision(config.precision):
+            with attacks._precision(config):
                 return fn(*a)
         return wrapped
 

@@ -21,6 +21,7 @@ target_grads, x_shape, [label], config) -> AttackResult`` that works under
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -296,21 +297,37 @@ def _finish(objective, z, hist, i, evals, snaps, config) -> tuple:
     return z, loss, hist, i, evals + 1, snaps
 
 
-def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig, active: Array = True):
+class _Loop(NamedTuple):
+    """An optimisation run as a machine that can be stepped from outside: ``init(z0, active)`` (the carry),
+    ``running(carry)`` (per victim), ``step(carry)`` (one outer step; a victim not running keeps its carry) and
+    ``finish(carry)`` (``_finish``'s tuple). :func:`_optimise` runs it to the end in one ``while_loop``; the
+    ``"stream"`` driver (:func:`attack_victims`) steps slots of victims and refills the finished ones."""
+
+    init: Callable[..., tuple]
+    running: Callable[[tuple], Array]
+    step: Callable[[tuple], tuple]
+    finish: Callable[[tuple], tuple]
+
+
+def _torch_lbfgs_loop(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig) -> _Loop:
+    """The PyTorch-semantics L-BFGS run (``z0``: its start's structure and dtype)."""
     flat0, unravel = ravel_pytree(z0)
     vg = jax.value_and_grad(lambda f: objective(unravel(f)))
     cfg = config.lbfgs
     # None keeps the constant cfg.lr (the unscheduled program, unchanged); else one lr per outer step.
     lrs = jnp.asarray(lbfgs_learning_rates(config), flat0.dtype) if config.lbfgs_milestones else None
-    hist0 = jnp.full((config.steps,), jnp.nan, flat0.dtype)
-    snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), flat0.dtype)
-
     axis = config.victim_axis
 
-    def cond(c):
-        return _lbfgs.any_running((c[0] < config.steps) & ~c[2], axis)
+    def init(z, active=True):
+        flat = ravel_pytree(z)[0]
+        hist0 = jnp.full((config.steps,), jnp.nan, flat.dtype)
+        snaps0 = jnp.zeros((_snapshot_slots(config), *z["x"].shape), flat.dtype)
+        return jnp.zeros((), jnp.int32), _lbfgs.init(flat, cfg), ~jnp.asarray(active), hist0, snaps0
 
-    def body(c):
+    def running(c):
+        return (c[0] < config.steps) & ~c[2]
+
+    def step(c):
         i, state, done, hist, snaps = c
         # False only for a finished victim while others on the victim axis run: it keeps its carry.
         live = (i < config.steps) & ~done
@@ -327,14 +344,16 @@ def _run_torch_lbfgs(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         state = _lbfgs.update(state, vg, cfg, loss, g, lr, active=live & ~stopped, axis_name=axis)[0]
         return jnp.where(live & ~stopped, i + 1, i), state, done | stopped, hist, snaps
 
-    i, state, done, hist, snaps = lax.while_loop(
-        cond, body, (jnp.zeros((), jnp.int32), _lbfgs.init(flat0, cfg), ~jnp.asarray(active), hist0, snaps0)
-    )
-    return _finish(objective, unravel(state.x), hist, i, state.func_evals + done.astype(jnp.int32), snaps, config)
+    def finish(c):
+        i, state, done, hist, snaps = c
+        return _finish(objective, unravel(state.x), hist, i, state.func_evals + done.astype(jnp.int32), snaps, config)
+
+    return _Loop(init, running, step, finish)
 
 
-def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig, active: Array = True):
+def _first_order_loop(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig) -> _Loop:
     """optax L-BFGS (zoom line search) or Adam, with the same early stop and snapshots."""
+    del z0  # the carry holds z itself
     if config.optimizer == "optax_lbfgs":
         opt = optax.lbfgs(memory_size=config.memory_size)
     else:
@@ -343,15 +362,18 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         )
         opt = optax.chain(optax.scale_by_sign() if config.signed else optax.identity(), optax.adam(schedule))
     vg = optax.value_and_grad_from_state(objective) if config.optimizer == "optax_lbfgs" else jax.value_and_grad(objective)
-    hist0 = jnp.full((config.steps,), jnp.nan, z0["x"].dtype)
-    snaps0 = jnp.zeros((_snapshot_slots(config), *z0["x"].shape), z0["x"].dtype)
 
-    def cond(c):
-        return _lbfgs.any_running((c[0] < config.steps) & ~c[3], config.victim_axis)
+    def init(z, active=True):
+        hist0 = jnp.full((config.steps,), jnp.nan, z["x"].dtype)
+        snaps0 = jnp.zeros((_snapshot_slots(config), *z["x"].shape), z["x"].dtype)
+        return jnp.zeros((), jnp.int32), z, opt.init(z), ~jnp.asarray(active), hist0, jnp.zeros((), jnp.int32), snaps0
 
-    def body(c):
+    def running(c):
+        return (c[0] < config.steps) & ~c[3]
+
+    def step(c):
         i, z, state, done, hist, evals, snaps = c
-        live = (i < config.steps) & ~done  # as in _run_torch_lbfgs
+        live = (i < config.steps) & ~done  # as in _torch_lbfgs_loop
         if config.optimizer == "optax_lbfgs":
             loss, g = vg(z, state=state)
         else:
@@ -378,19 +400,30 @@ def _run_first_order(objective: Callable[[PyTree], Array], z0: PyTree, config: A
         return (jnp.where(stay, i, i + 1), keep(z, new_z), keep(state, new_state), done | stopped, hist,
                 evals + jnp.where(live, n, 0), snaps)
 
-    init = (jnp.zeros((), jnp.int32), z0, opt.init(z0), ~jnp.asarray(active), hist0, jnp.zeros((), jnp.int32), snaps0)
-    i, z, state, _, hist, evals, snaps = lax.while_loop(cond, body, init)
-    return _finish(objective, z, hist, i, evals, snaps, config)
+    def finish(c):
+        i, z, _, _, hist, evals, snaps = c
+        return _finish(objective, z, hist, i, evals, snaps, config)
+
+    return _Loop(init, running, step, finish)
+
+
+def _loop(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig) -> _Loop:
+    return (_torch_lbfgs_loop if config.optimizer == "torch_lbfgs" else _first_order_loop)(objective, z0, config)
 
 
 def _optimise(objective: Callable[[PyTree], Array], z0: PyTree, config: AttackConfig, active: Array = True):
     """Runs ``config``'s optimiser from ``z0``; ``active`` False (a victim with nothing left to do, under
     vmap while others run) starts it finished, so it takes no step."""
-    run = _run_torch_lbfgs if config.optimizer == "torch_lbfgs" else _run_first_order
-    if config.precision is None:
-        return run(objective, z0, config, active)
-    with jax.default_matmul_precision(config.precision):  # applies to everything traced inside
-        return run(objective, z0, config, active)
+    with _precision(config):  # applies to everything traced inside
+        loop = _loop(objective, z0, config)
+        c = lax.while_loop(lambda c: _lbfgs.any_running(loop.running(c), config.victim_axis), loop.step,
+                           loop.init(z0, active))
+        return loop.finish(c)
+
+
+def _precision(config: AttackConfig):
+    """``jax.default_matmul_precision(config.precision)``, or nothing with ``None``."""
+    return contextlib.nullcontext() if config.precision is None else jax.default_matmul_precision(config.precision)
 
 
 # --------------------------------------------------------------------------
@@ -563,6 +596,57 @@ def _with_restarts(run_one: Callable[..., tuple], key: Array, config: AttackConf
     return AttackResult(*jax.tree_util.tree_map(lambda a: a[best], outs))
 
 
+class _Problem(NamedTuple):
+    """One victim's matching problem: the ``objective`` of ``z``, ``start(key) -> z0`` and ``output(z) -> (x, label)``."""
+
+    objective: Callable[[PyTree], Array]
+    start: Callable[[Array], PyTree]
+    output: Callable[[PyTree], tuple[Array, Array]]
+
+
+def _solve(problem: _Problem, key: Array, config: AttackConfig) -> AttackResult:
+    """Runs ``problem`` from ``key`` with ``config``'s optimiser, retries and restarts."""
+
+    def run_one(k, active=True):
+        z, loss, hist, i, evals, snaps = _optimise(problem.objective, problem.start(k), config, active)
+        return (*problem.output(z), loss, hist, i, evals, snaps)
+
+    return _with_restarts(run_one, key, config)
+
+
+def _given_label_problem(apply_fn, variables, target_grads, x_shape, label, config, feature=None, *,
+                         require_one_example=True) -> _Problem:
+    check_inputs(variables, target_grads, x_shape, label, require_one_example=require_one_example)
+    if config.feature_weight > 0:
+        if feature is None:
+            raise ValueError("config.feature_weight > 0 needs the recovered feature: pass feature=")
+        d = _models.last_layer(_params(variables))[0].shape[-2]
+        if jnp.shape(feature) != (d,):
+            raise ValueError(f"feature must be the last-layer input of shape ({d},), got shape {jnp.shape(feature)}")
+    dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
+    objective = _objective(apply_fn, variables, target_grads, config, label, feature)
+    return _Problem(objective, lambda k: {"x": jax.random.normal(k, tuple(x_shape), dtype)}, lambda z: (z["x"], label))
+
+
+def _idlg_problem(apply_fn, variables, target_grads, x_shape, config) -> _Problem:
+    k = check_inputs(variables, target_grads, x_shape)
+    kernel_grad, _ = _models.last_layer(target_grads)
+    label = jax.nn.one_hot(_recovery.idlg_label(kernel_grad, method="rowsum"), k)
+    return _given_label_problem(apply_fn, variables, target_grads, x_shape, label, config)
+
+
+def _dlg_problem(apply_fn, variables, target_grads, x_shape, config, *, require_one_example=True) -> _Problem:
+    k = check_inputs(variables, target_grads, x_shape, require_one_example=require_one_example)
+    dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
+    objective = _objective(apply_fn, variables, target_grads, config, None)
+
+    def start(key_):
+        kx, kv = jax.random.split(key_)
+        return {"x": jax.random.normal(kx, tuple(x_shape), dtype), "v": jax.random.normal(kv, (k,), dtype)}
+
+    return _Problem(objective, start, lambda z: (z["x"], jax.nn.softmax(z["v"])))
+
+
 def given_label(
     key: Array,
     apply_fn: ApplyFn,
@@ -591,22 +675,9 @@ def given_label(
     ``require_one_example=False`` lets a target gradient that cannot be one example's
     through (a defended one: noised, pruned, quantised; :func:`check_inputs`).
     """
-    check_inputs(variables, target_grads, x_shape, label, require_one_example=require_one_example)
-    if config.feature_weight > 0:
-        if feature is None:
-            raise ValueError("config.feature_weight > 0 needs the recovered feature: pass feature=")
-        d = _models.last_layer(_params(variables))[0].shape[-2]
-        if jnp.shape(feature) != (d,):
-            raise ValueError(f"feature must be the last-layer input of shape ({d},), got shape {jnp.shape(feature)}")
-    dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
-    objective = _objective(apply_fn, variables, target_grads, config, label, feature)
-
-    def run_one(k, active=True):
-        z0 = {"x": jax.random.normal(k, tuple(x_shape), dtype)}
-        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config, active)
-        return z["x"], label, loss, hist, i, evals, snaps
-
-    return _with_restarts(run_one, key, config)
+    problem = _given_label_problem(apply_fn, variables, target_grads, x_shape, label, config, feature,
+                                   require_one_example=require_one_example)
+    return _solve(problem, key, config)
 
 
 def idlg(
@@ -622,10 +693,7 @@ def idlg(
     The label comes from ``jaxleak.recovery.idlg_label`` (ALGORITHMS.md §3.1)
     and is one-hot and fixed; only ``x'`` ``(H, W, C)`` is optimised.
     """
-    k = check_inputs(variables, target_grads, x_shape)
-    kernel_grad, _ = _models.last_layer(target_grads)
-    label = jax.nn.one_hot(_recovery.idlg_label(kernel_grad, method="rowsum"), k)
-    return given_label(key, apply_fn, variables, target_grads, x_shape, label, config)
+    return _solve(_idlg_problem(apply_fn, variables, target_grads, x_shape, config), key, config)
 
 
 def dlg(
@@ -644,17 +712,8 @@ def dlg(
     §2.1-§2.2); the predicted class is ``argmax(result.label)``.
     ``require_one_example``: as in :func:`given_label`.
     """
-    k = check_inputs(variables, target_grads, x_shape, require_one_example=require_one_example)
-    dtype = jax.tree_util.tree_leaves(target_grads)[0].dtype
-    objective = _objective(apply_fn, variables, target_grads, config, None)
-
-    def run_one(key_, active=True):
-        kx, kv = jax.random.split(key_)
-        z0 = {"x": jax.random.normal(kx, tuple(x_shape), dtype), "v": jax.random.normal(kv, (k,), dtype)}
-        z, loss, hist, i, evals, snaps = _optimise(objective, z0, config, active)
-        return z["x"], jax.nn.softmax(z["v"]), loss, hist, i, evals, snaps
-
-    return _with_restarts(run_one, key, config)
+    problem = _dlg_problem(apply_fn, variables, target_grads, x_shape, config, require_one_example=require_one_example)
+    return _solve(problem, key, config)
 
 
 def inverting_gradients(

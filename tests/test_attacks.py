@@ -449,7 +449,7 @@ def test_no_lbfgs_milestones_is_the_unscheduled_update():
     cfg = _lbfgs_cfg(5, 3)
     with jax.enable_x64(True):
         objective, z0, _ = _bowl()
-        z, *_, snaps = attacks._run_torch_lbfgs(objective, z0, cfg)
+        z, *_, snaps = attacks._optimise(objective, z0, cfg)
         vg = jax.value_and_grad(lambda x: objective({"x": x.reshape(-1, 1, 1)}))
         state = lbfgs.init(z0["x"].reshape(-1), cfg.lbfgs)
         for i in range(cfg.steps):
@@ -457,7 +457,7 @@ def test_no_lbfgs_milestones_is_the_unscheduled_update():
             state, _ = lbfgs.update(state, vg, cfg.lbfgs)
         np.testing.assert_allclose(z["x"].reshape(-1), state.x, rtol=1e-13, atol=1e-14)
         # A schedule that never changes the lr (gamma 1) runs the traced-lr path to the same bits.
-        flat = attacks._run_torch_lbfgs(objective, z0, dataclasses.replace(cfg, lbfgs_milestones=(0.4,), gamma=1.0))
+        flat = attacks._optimise(objective, z0, dataclasses.replace(cfg, lbfgs_milestones=(0.4,), gamma=1.0))
         np.testing.assert_array_equal(flat[-1], snaps)
 
 
@@ -466,8 +466,8 @@ def test_lbfgs_milestone_scales_the_step_by_gamma():
     cfg = _lbfgs_cfg(6, 1)
     with jax.enable_x64(True):
         objective, z0, _ = _bowl()
-        plain = np.asarray(attacks._run_torch_lbfgs(objective, z0, cfg)[-1]).reshape(7, -1)
-        sched = np.asarray(attacks._run_torch_lbfgs(objective, z0, dataclasses.replace(cfg, lbfgs_milestones=(0.5,), gamma=0.1))[-1]).reshape(7, -1)
+        plain = np.asarray(attacks._optimise(objective, z0, cfg)[-1]).reshape(7, -1)
+        sched = np.asarray(attacks._optimise(objective, z0, dataclasses.replace(cfg, lbfgs_milestones=(0.5,), gamma=0.1))[-1]).reshape(7, -1)
     # Snapshot j is x' before step j; the milestone round(0.5 * 6) = 3 first applies at step 3.
     np.testing.assert_array_equal(sched[:4], plain[:4])
     np.testing.assert_allclose(sched[4] - sched[3], 0.1 * (plain[4] - plain[3]), rtol=1e-10, atol=1e-14)
@@ -497,7 +497,7 @@ def test_lbfgs_milestones_match_torch_multisteplr():
         sched.step()
     with jax.enable_x64(True):
         objective, z0, _ = _bowl()
-        z, *_, snaps = attacks._run_torch_lbfgs(objective, z0, cfg)
+        z, *_, snaps = attacks._optimise(objective, z0, cfg)
         np.testing.assert_allclose(np.asarray(snaps[: cfg.steps]).reshape(cfg.steps, -1), np.stack(before), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(np.asarray(z["x"]).reshape(-1), xt.detach().numpy(), rtol=1e-10, atol=1e-12)
 
