@@ -53,6 +53,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -108,13 +109,16 @@ def peak_tflops() -> dict:
     return next((v for k, v in PEAK_TFLOPS.items() if k in kind), {})
 
 
-def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int, flops: float = 0.0) -> dict:
+def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int, flops: float = 0.0,
+              slots: Optional[int] = None) -> dict:
     n = x.shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), n)
     take = lambda t, i: jax.tree_util.tree_map(lambda a: a[i], t)
     devices = jax.local_devices()
-    if strategy == "vmap":  # as attacks.attack_victims maps victims (AttackConfig.victim_axis)
+    if strategy in ("vmap", "vmap-chunks", "stream"):  # as attacks.attack_victims maps victims (AttackConfig.victim_axis)
         config = dataclasses.replace(config, victim_axis=attacks.VICTIM_AXIS)
+    if strategy in ("vmap-chunks", "stream"):
+        return _bench_slots(model, params, grads, x, keys, strategy, config, slots or n, flops)
     one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
     if strategy in ("processes", "processes-cold"):  # one pinned single-device worker per core (attack_victims' "processes")
         run = lambda k, p, g, pool: attacks.attack_victims("idlg", k, model.apply, p, g, (32, 32, 3), config=config,
@@ -159,6 +163,33 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     seconds = time.time() - t
     return _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, compile_s=compile_s,
                        devices={"loop": len(devices), "vmap": len(sharded)}.get(strategy, 1), device_kind=devices[0].device_kind)
+
+
+def _bench_slots(model, params, grads, x, keys, strategy, config, slots, flops) -> dict:
+    """``slots`` victims at a time on one device: ``vmap-chunks`` runs chunks of ``slots`` (each as long as its
+    slowest victim), ``stream`` streams all victims through ``slots`` slots, refilled as victims finish (both
+    as ``attack_victims``' ``"vmap"`` and ``"stream"`` strategies; compiled before the clock)."""
+    n, shape, device = x.shape[0], tuple(x.shape[1:]), tuple(jax.local_devices()[:1])
+    t = time.time()
+    if strategy == "stream":
+        program = attacks._stream_compiled(attacks.idlg, model.apply, shape, config, (0, 0), slots, device)
+        compiled = program.lower(keys, params, grads).compile()
+        compile_s = time.time() - t
+        t = time.time()
+        res = jax.block_until_ready(compiled(keys, params, grads))
+    else:
+        one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, shape, config=config)
+        chunk = lambda a, s: jax.tree_util.tree_map(lambda v: v[np.minimum(np.arange(s, s + slots), n - 1)], a)
+        compiled = victims._compiled(one, (0, 0, 0), config.victim_axis, device).lower(
+            *(chunk(a, 0) for a in (keys, params, grads))).compile()
+        compile_s = time.time() - t
+        t = time.time()
+        outs = [compiled(*(chunk(a, s) for a in (keys, params, grads))) for s in range(0, n, slots)]
+        res = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v)[:n], *jax.block_until_ready(outs))
+    seconds = time.time() - t
+    return _finish_jax(n, seconds, x, res.x, res.evals, res.snapshots[:, 0], flops, strategy, compile_s=compile_s,
+                       devices=1, device_kind=device[0].device_kind, slots=slots,
+                       outer_steps_mean=float(np.mean(res.steps)), outer_steps_max=int(np.max(res.steps)))
 
 
 BREAKDOWN_STRATEGIES = ("vmap", "vmap-plain", "loop")
@@ -335,9 +366,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--victims", type=int, nargs="+", default=[1, 8, 64], help="numbers of victims V to time (default 1 8 64)")
     p.add_argument("--torch-victims", type=int, default=2, help="victims the PyTorch reference attacks per V (0: none)")
-    p.add_argument("--strategies", nargs="+", default=["auto"], choices=("auto", "loop", "processes", "processes-cold", "vmap", "vmap-plain"),
+    p.add_argument("--strategies", nargs="+", default=["auto"],
+                   choices=("auto", "loop", "processes", "processes-cold", "vmap", "vmap-plain", "vmap-chunks", "stream"),
                    help="how victims are mapped: vmap (named victim axis, as attack_victims), vmap-plain (a plain vmap, "
-                        "AttackConfig.victim_axis unset), a loop of a jitted one-victim attack, processes (one pinned "
+                        "AttackConfig.victim_axis unset), vmap-chunks (vmap over chunks of --slots victims), stream (all "
+                        "victims through --slots slots refilled as victims finish, attack_victims' \"stream\"), "
+                        "a loop of a jitted one-victim attack, processes (one pinned "
                         "single-device worker process per core, started and compiled before the clock, as the "
                         "reference's workers are started; compile_s is that warm-up), processes-cold (the same with "
                         "startup and compilation inside the timed run), or the backend's default")
@@ -372,6 +406,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-devices", type=int, default=2, help="virtual CPU devices (cores) for the victim loop")
     p.add_argument("--data", type=pathlib.Path, default=None,
                    help="folder of cifar100_subset.npz (default $JAXLEAK_DATA, else ../shared/data beside the checkout)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="batch width of the vmap-chunks and stream strategies (default: all victims at once)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time, for each vmap, vmap-plain or loop row of a PyTorch-semantics config, one value and gradient "
                         "of the objective and one outer L-BFGS step apart from the attack (breakdown(): where a step's time goes)")
@@ -415,7 +451,7 @@ def main(argv=None) -> int:
                     parts = breakdown(model, params, grads, x, s, config, args.seed)
                     o.report(json.dumps({"V": v, "config": name, "conv": conv, "head": head, "breakdown": parts}))
                 rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "head": head, "steps": config.steps,
-                             **bench_jax(model, params, grads, x, s, config, args.seed, flops),
+                             **bench_jax(model, params, grads, x, s, config, args.seed, flops, args.slots),
                              **({} if parts is None else {"breakdown": parts})})
                 # A retried victim's x' before step 0 is its last try's start: the reference takes a first try's.
                 run_starts = rows[-1].pop("starts")

@@ -16,7 +16,9 @@ configurations, optimisation loops, the attacks and the many-victim driver.
 
 Every attack is a pure one-victim function ``(key, apply_fn, variables,
 target_grads, x_shape, [label], config) -> AttackResult`` that works under
-``jit`` and ``vmap``; :func:`attack_victims` maps it over many victims.
+``jit`` and ``vmap``; :func:`attack_victims` maps it over many victims, or,
+with ``strategy="stream"``, steps a fixed number of slots of victims one outer
+step at a time and refills each slot when its victim's run ends.
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ class AttackConfig:
         themselves (``jaxleak.lbfgs.any_running``), instead of leaving it to ``vmap``'s
         batching of ``while_loop``, which selects every loop carry — the L-BFGS history
         included — between old and new on every iteration. Same results. Set by
-        :func:`attack_victims` for its ``"vmap"`` strategy; set it yourself only when you
-        call ``jax.vmap(..., axis_name=victim_axis)`` yourself (an unmapped call with an
-        axis name fails with an unbound axis name error). ``None`` (default): no axis.
+        :func:`attack_victims` for its ``"vmap"`` and ``"stream"`` strategies; set it yourself
+        only when you call ``jax.vmap(..., axis_name=victim_axis)`` yourself (an unmapped call
+        with an axis name fails with an unbound axis name error). ``None`` (default): no axis.
       factored_head: compute the last layer's kernel gradient ``h a^T`` in factored form
         (``jaxleak.objectives.gradient_distance``): the same objective and gradient (to
         rounding) without forming the ``(d, K)`` dummy gradient, which dominates with many
@@ -767,6 +769,180 @@ def _call_with_labels(fn, apply_fn, shape, config, k, v, g, y, *feature):
     return fn(k, apply_fn, v, g, shape, y, config=config, **({"feature": feature[0]} if feature else {}))
 
 
+#: The problem behind each built-in attack, which the ``"stream"`` strategy steps slot by slot.
+_PROBLEMS: dict[Callable, Callable[..., _Problem]] = {
+    dlg: _dlg_problem,
+    idlg: _idlg_problem,
+    given_label: _given_label_problem,
+    inverting_gradients: _given_label_problem,
+}
+
+
+def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: AttackConfig, in_axes: tuple,
+                    slots: int) -> Callable:
+    """``(keys, *args) -> AttackResult`` stacked over the victims of ``keys``, run ``slots`` at a time.
+
+    Every slot holds one victim's run (one try of one restart: a *unit*); all slots take one outer step
+    together (``vmap`` on the victim axis, as the ``"vmap"`` strategy's loops). When a unit's run ends, its
+    result is written out and the slot is refilled in the same step: with the unit's next try if
+    ``config.give_up`` abandoned it and tries are left (``_with_retries``' keys and summed evaluations),
+    else with the next unit not yet started. So a slot is idle only once no unit is left to start, and the
+    batched loop runs about ``units * mean / slots + max`` outer steps where a chunked vmap runs
+    ``units / slots * max``. Restarts are units of their own; the lowest finite loss wins, as
+    ``_with_restarts``. ``args``: ``(variables, target_grads[, labels[, features]])`` with ``in_axes``
+    0 (per victim) or None (shared); ``keys`` raw ``uint32`` keys, one per victim.
+    """
+    build = _PROBLEMS[fn]
+    R = config.restarts
+
+    def problem(k, *a):
+        v, g, *rest = a
+        extra = {"feature": rest[1]} if len(rest) > 1 else {}
+        p = build(apply_fn, v, g, shape, *rest[:1], config=config, **extra)
+        return p, _loop(p.objective, p.start(k), config)  # (the start only gives the loop z's structure)
+
+    def init_one(k, *a):
+        p, loop = problem(k, *a)
+        return loop.init(p.start(k))
+
+    def step_one(k, c, *a):
+        return problem(k, *a)[1].step(c)
+
+    def running_one(k, c, *a):
+        return problem(k, *a)[1].running(c)
+
+    def finish_one(k, c, *a):
+        p, loop = problem(k, *a)
+        z, loss, hist, i, evals, snaps = loop.finish(c)
+        return (*p.output(z), loss, hist, i, evals, snaps)
+
+    axes = (0, *in_axes)
+    vmapped = lambda f, *lead: jax.vmap(f, in_axes=(*lead, *axes[1:]) if lead else axes, axis_name=config.victim_axis)
+    init_v = vmapped(init_one)
+    step_v, running_v, finish_v = (vmapped(f, 0, 0) for f in (step_one, running_one, finish_one))
+
+    def run(keys, *args):
+        n = keys.shape[0]
+        units = n * R
+        ukeys = keys if R == 1 else jax.vmap(lambda k: jax.random.split(k, R))(keys).reshape(units, *keys.shape[1:])
+        width = min(slots, units)
+        mapped = [i for i, ax in enumerate(in_axes) if ax == 0]
+
+        def gather(unit):  # the per-victim arguments of each slot's unit; shared ones as they are
+            v = jnp.clip(unit, 0, units - 1) // R
+            return tuple(jax.tree_util.tree_map(lambda x: x[v], a) if ax == 0 else a for a, ax in zip(args, in_axes))
+
+        def select(mask, new, old):
+            return jax.tree_util.tree_map(lambda u, w: jnp.where(mask.reshape(-1, *(1,) * (u.ndim - 1)), u, w), new, old)
+
+        unit = jnp.arange(width, dtype=jnp.int32)
+        key = ukeys[:width]
+        a = gather(unit)
+        c = init_v(key, *a)
+        res_shapes = jax.eval_shape(finish_v, key, c, *a)
+        outs = tuple(jnp.zeros((units, *r.shape[1:]), r.dtype) for r in res_shapes)
+        ones = jnp.ones(width, jnp.int32)
+        state = (unit, ones, 0 * ones, key, tuple(a[i] for i in mapped), c, jnp.asarray(width, jnp.int32),
+                 jnp.ones(width, bool), outs)
+
+        def full(per_slot):  # the slots' arguments: their own where mapped, the shared ones otherwise
+            it = iter(per_slot)
+            return tuple(next(it) if ax == 0 else arg for arg, ax in zip(args, in_axes))
+
+        def refill(s, ended):
+            unit, t, prev, key, a, c, nxt, occupied, outs = s
+            res = finish_v(key, c, *full(a))
+            res = res[:5] + (res[5] + prev,) + res[6:]  # evaluations summed over the tries
+            retry = ended & (t <= config.retries) & gave_up(AttackResult(*res), config)
+            final = ended & ~retry
+            where = jnp.where(final, unit, units)  # out of range: dropped
+            outs = tuple(o.at[where].set(r, mode="drop") for o, r in zip(outs, res))
+            new = nxt + jnp.cumsum(final.astype(jnp.int32)) - 1
+            take = final & (new < units)
+            unit = jnp.where(take, new, jnp.where(final, units, unit))
+            base = ukeys[jnp.clip(unit, 0, units - 1)]
+            key = jnp.where(retry[:, None], jax.vmap(jax.random.fold_in)(base, t), jnp.where(take[:, None], base, key))
+            fresh = gather(unit)
+            a = tuple(fresh[i] for i in mapped)
+            c = select(retry | take, init_v(key, *fresh), c)
+            t = jnp.where(retry, t + 1, jnp.where(take, 1, t))
+            prev = jnp.where(retry, res[5], jnp.where(take, 0, prev))
+            return unit, t, prev, key, a, c, nxt + jnp.sum(final, dtype=jnp.int32), (occupied & ~final) | take, outs
+
+        def body(s):
+            unit, t, prev, key, a, c, nxt, occupied, outs = s
+            c = step_v(key, c, *full(a))
+            ended = occupied & ~running_v(key, c, *full(a))
+            s = (unit, t, prev, key, a, c, nxt, occupied, outs)
+            return lax.cond(jnp.any(ended), lambda s: refill(s, ended), lambda s: s, s)
+
+        outs = lax.while_loop(lambda s: jnp.any(s[7]), body, state)[-1]
+        if R > 1:
+            outs = tuple(o.reshape(n, R, *o.shape[1:]) for o in outs)
+            loss = outs[2]
+            best = jnp.argmin(jnp.where(jnp.isfinite(loss), loss, jnp.inf), axis=1)
+            outs = tuple(jnp.take_along_axis(o, best.reshape(n, 1, *(1,) * (o.ndim - 2)), axis=1)[:, 0] for o in outs)
+        return AttackResult(*outs)
+
+    def program(keys, *args):
+        with _precision(config):
+            return run(keys, *args)
+
+    return program
+
+
+@functools.lru_cache(maxsize=32)
+def _stream_compiled(fn, apply_fn, shape, config, in_axes, slots, devices: tuple) -> Callable:
+    """``jit`` of :func:`_stream_program`; over several devices each streams its own share (``jax.shard_map``)."""
+    program = _stream_program(fn, apply_fn, shape, config, in_axes, slots)
+    if len(devices) == 1:
+        return jax.jit(program)
+    P = jax.sharding.PartitionSpec
+    mesh = jax.sharding.Mesh(np.asarray(devices, dtype=object), (_victims._DEVICE_AXIS,))
+    specs = (P(_victims._DEVICE_AXIS),) + tuple(P(_victims._DEVICE_AXIS) if ax == 0 else P() for ax in in_axes)
+    return jax.jit(jax.shard_map(program, mesh=mesh, in_specs=specs, out_specs=P(_victims._DEVICE_AXIS),
+                                 check_vma=False))
+
+
+def _stream_victims(fn, apply_fn, shape, config, keys, args, in_axes, *, slots, chunk_size, devices, progress):
+    """The ``"stream"`` strategy of :func:`attack_victims`: waves of ``chunk_size`` victims (padded by
+    repeating the last, so every wave reuses one program), each streamed through ``slots`` slots per device."""
+    if fn not in _PROBLEMS:
+        raise ValueError("strategy='stream' runs the built-in attacks (a name in ATTACKS), not a function of "
+                         "your own: use 'vmap', 'loop' or 'processes' for it")
+    n = keys.shape[0]
+    devices = tuple(devices) if devices is not None else tuple(_victims.default_devices("vmap"))
+    if not devices:
+        raise ValueError("devices= is empty")
+    d = len(devices)
+    if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key):
+        keys = jax.random.key_data(keys)  # raw keys draw the same numbers, and select like any array
+    wave = -(-max(1, min(chunk_size or n, n)) // d) * d
+    if slots is None:
+        one = _one_victim(fn, apply_fn, shape, config, len(in_axes) > 2)
+        first = tuple(jax.tree_util.tree_map(lambda v: v[0], a) if ax == 0 else a for a, ax in zip(args, in_axes))
+        per_device = wave // d
+        slots = per_device if per_device <= 256 else _victims.chunk_size_for(one, (keys[0], *first), per_device)
+    if slots < 1:
+        raise ValueError(f"slots must be >= 1, got {slots}")
+    program = _stream_compiled(fn, apply_fn, shape, config, tuple(in_axes), int(slots), devices)
+    starts = range(0, n, wave)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="attack", unit="wave")
+    outs = []
+    for s0 in starts:
+        idx = np.minimum(np.arange(s0, s0 + wave), n - 1)
+        chunk = [keys[idx]] + [jax.tree_util.tree_map(lambda v: v[idx], a) if ax == 0 else a
+                               for a, ax in zip(args, in_axes)]
+        if d == 1:
+            chunk = jax.device_put(chunk, devices[0])
+        out = program(*chunk)
+        outs.append(jax.tree_util.tree_map(lambda v: v[: min(wave, n - s0)], out))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+
+
 def _check_victims_finite(target_grads: PyTree, labels: Optional[Array], features: Optional[Array] = None) -> None:
     """Raises ``ValueError`` naming the victims and tensors with NaN or Inf in a stacked input.
 
@@ -812,6 +988,7 @@ def attack_victims(
     pool: Optional[_processes.WorkerPool] = None,
     require_one_example: bool = True,
     devices: Optional[Sequence[jax.Device]] = None,
+    slots: Optional[int] = None,
 ) -> dict[str, np.ndarray]:
     """Runs one attack on V victims (``jaxleak.victims.map_victims``) and scores it.
 
@@ -825,8 +1002,11 @@ def attack_victims(
         ``jaxleak.recovery.soft_label(...).feature``), for the feature term of
         ``given_label``/``inverting_gradients``; needs ``labels`` and ``config.feature_weight > 0``.
       x_true: ``(V, H, W, C)`` private images for MSE/PSNR/SSIM (optional).
-      strategy: ``"vmap"``, ``"loop"``, ``"processes"`` or ``"auto"`` (:data:`DEFAULT_STRATEGY`
-        per backend). ``"processes"`` (CPU): one worker process per core, each pinned to
+      strategy: ``"vmap"``, ``"stream"``, ``"loop"``, ``"processes"`` or ``"auto"`` (:data:`DEFAULT_STRATEGY`
+        per backend). ``"stream"``: ``slots`` victims at a time under ``vmap``, each slot refilled with
+        the next victim (or its next try, with ``config.retries``) as soon as its victim's run ends,
+        so finished victims do not idle until the slowest of their chunk is done; the built-in
+        attacks only. ``chunk_size`` is then the victims of one compiled program (default all). ``"processes"`` (CPU): one worker process per core, each pinned to
         its core with one XLA device (``jaxleak.processes``), victims dealt one at a time;
         on the 2-core CPU 1.4x the 2-device loop's victims/s, startup included (16
         CIFAR-100 victims, 2026-12-04). ``attack`` must then be a
@@ -836,8 +1016,11 @@ def attack_victims(
       pool: a ``jaxleak.processes.WorkerPool`` for ``"processes"``, kept across calls: its
         workers start once and keep each compiled attack (~2.7 s saved per call, iDLG on
         the 2-core CPU); not with ``workers``.
+      slots: ``"stream"``'s batch width per device (default: what ``"vmap"`` would take as its
+        chunk, all victims up to 256 per device, else as many as fit the backend's memory budget).
       devices: the devices victims run on (``jaxleak.victims.map_victims``): under ``"vmap"`` each
-        chunk is sharded over them and each device's loops run until its own victims are done;
+        chunk is sharded over them and each device's loops run until its own victims are done
+        (``"stream"``: each device streams its share of each wave);
         under ``"loop"`` victims are dealt to them round-robin. Default: every local device,
         except one under ``"vmap"`` on the CPU (``jaxleak.victims.default_devices``).
       require_one_example: refuse target gradients whose last-layer kernel gradient cannot
@@ -873,18 +1056,27 @@ def attack_victims(
     keys = _victims.victim_keys(key, n)
     if strategy == "auto":
         strategy = DEFAULT_STRATEGY.get(jax.default_backend(), "vmap")
+    if slots is not None and strategy != "stream":
+        raise ValueError(f"slots= is the width of strategy='stream', got strategy={strategy!r}")
     # Under vmap the loops run until the chunk's last victim is done and mask the finished ones
     # (AttackConfig.victim_axis); the loop strategy runs each victim unmapped.
-    config = dataclasses.replace(config, victim_axis=VICTIM_AXIS if strategy == "vmap" else None)
+    config = dataclasses.replace(config, victim_axis=VICTIM_AXIS if strategy in ("vmap", "stream") else None)
     shape = tuple(x_shape)
-    one = _one_victim(fn, apply_fn, shape, config, labels is not None)
     args, axes = (keys, variables, target_grads), (0, 0 if per_victim_params else None, 0)
     if labels is not None:
         args, axes = args + (labels,), axes + (0,)
     if features is not None:
         args, axes = args + (features,), axes + (0,)
-    res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress, desc="attack",
-                               axis_name=config.victim_axis, workers=workers, pool=pool, devices=devices)
+    if strategy == "stream":
+        if workers is not None or pool is not None:
+            raise ValueError("workers= and pool= are for strategy='processes', not 'stream'")
+        res = _stream_victims(fn, apply_fn, shape, config, keys, args[1:], axes[1:], slots=slots,
+                              chunk_size=chunk_size, devices=devices, progress=progress)
+    else:
+        one = _one_victim(fn, apply_fn, shape, config, labels is not None)
+        res = _victims.map_victims(one, args, axes, chunk_size=chunk_size, strategy=strategy, progress=progress,
+                                   desc="attack", axis_name=config.victim_axis, workers=workers, pool=pool,
+                                   devices=devices)
     out = {name: np.asarray(v) for name, v in res._asdict().items()}
     out["gave_up"] = np.asarray(gave_up(res, config))
     out["stalled"] = np.asarray(stalled(res, config))

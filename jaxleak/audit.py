@@ -34,7 +34,7 @@ from jaxleak import victims as _victims
 
 ATTACK_NAMES = ("idlg", "dlg", "ig", "soft-label", "labels")
 #: How :func:`run_audit` maps a chunk's attacks over its victims (``attacks.attack_victims``' strategies).
-STRATEGIES = ("auto", "loop", "vmap", "processes")
+STRATEGIES = ("auto", "loop", "vmap", "stream", "processes")
 LABEL_REGIMES = ("onehot", "smoothing", "mixup")
 #: Input sizes the reference networks were built for (others keep the dataset's size, 32 if larger than 64).
 MODEL_SIZES = {"fcn4": 64, "alexnet": 224, "resnet50": 224}
@@ -182,6 +182,7 @@ def run_audit(
     progress: bool = True,
     log: Callable[[str], None] = lambda s: None,
     strategy: str = "auto",
+    slots: Optional[int] = None,
 ) -> dict[str, Any]:
     """Runs one audit and writes its folder; returns the summary (also in ``results.json``).
 
@@ -192,7 +193,8 @@ def run_audit(
 
     ``strategy``: how each chunk's attacks are mapped over its victims
     (``jaxleak.attacks.attack_victims``): ``"auto"`` (the backend's
-    ``attacks.DEFAULT_STRATEGY``), ``"loop"``, ``"vmap"`` or ``"processes"``
+    ``attacks.DEFAULT_STRATEGY``), ``"loop"``, ``"vmap"``, ``"stream"`` (``slots``
+    victims of the chunk at a time, refilled as they finish) or ``"processes"``
     (pinned single-device worker processes, one per core up to ``chunk_size``,
     started once for the whole run; a script that calls this needs the
     ``if __name__ == "__main__":`` guard of ``multiprocessing``'s spawn).
@@ -202,6 +204,8 @@ def run_audit(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {list(STRATEGIES)}")
+    if slots is not None and strategy != "stream":
+        raise ValueError(f"slots= is the width of strategy='stream', got strategy={strategy!r}")
     out = _report.ensure_writable(out_dir)
     cfg_dict = dataclasses.asdict(config)
     done = _report.start_run(out, cfg_dict, resume=resume)
@@ -230,7 +234,8 @@ def run_audit(
     use_pool = strategy == "processes" and config.attack != "labels" and starts
     with (_processes.WorkerPool(_processes.pool_size(min(config.chunk_size, config.victims))) if use_pool
           else contextlib.nullcontext()) as pool:
-        attack = lambda name, *a: _attacks.attack_victims(name, *a, config=acfg, strategy=strategy, pool=pool)
+        extra = {"slots": slots} if strategy == "stream" else {}
+        attack = lambda name, *a: _attacks.attack_victims(name, *a, config=acfg, strategy=strategy, pool=pool, **extra)
         for start in starts:
             ids = np.arange(start, min(config.victims, start + config.chunk_size))
             t0 = time.perf_counter()

@@ -79,10 +79,14 @@ def _add_attack(sub) -> None:
     p.add_argument("--search", default=d.search, choices=["robust", "paper"], help="soft-label search")
     p.add_argument("--normalize", action="store_true", help="CIFAR-10 mean/std normalisation (paper 2)")
     p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="victims per chunk (results saved per chunk)")
-    p.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap", "processes"],
-                   help="how a chunk's attacks run: loop (one victim at a time), vmap (all at once), processes (one "
-                        "pinned worker process per CPU core, up to --chunk-size; the same results as loop); auto: "
-                        "processes on a CPU with several cores, else the backend's default (vmap on a GPU)")
+    p.add_argument("--strategy", default="auto", choices=["auto", "loop", "vmap", "stream", "processes"],
+                   help="how a chunk's attacks run: loop (one victim at a time), vmap (all at once), stream (--slots "
+                        "at a time under vmap, each slot refilled with the next victim as soon as its own is done), "
+                        "processes (one pinned worker process per CPU core, up to --chunk-size; the same results as "
+                        "loop); auto: processes on a CPU with several cores, else the backend's default (vmap on a GPU)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="with --strategy stream: victims attacked at once per device (unset: as vmap's chunk); "
+                        "fewer than --chunk-size, so slots are refilled")
     p.add_argument("--out", default="jaxleak-run", help="output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _add_common(p)
@@ -127,7 +131,7 @@ def _cmd_attack(args) -> int:
     cfg = audit.AuditConfig(**{k: v for k, v in vars(args).items() if k in fields})
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     summary = audit.run_audit(cfg, args.out, resume=args.resume, progress=not args.quiet, log=log,
-                              strategy=_attack_strategy(args.strategy))
+                              strategy=_attack_strategy(args.strategy), slots=args.slots)
     out = pathlib.Path(args.out)
     if args.json:
         print(to_json({"out": str(out), "summary": summary}))

@@ -148,6 +148,24 @@ def test_attack_auto_runs_idlg_in_worker_processes_with_the_loops_records(tmp_pa
         audit.run_audit(audit.AuditConfig(), tmp_path / "never", strategy="threads")
 
 
+def test_attack_stream_refills_slots_with_the_chunks_victims(tmp_path, capsys):
+    """`jaxleak attack --strategy stream --slots 1`: a chunk of 3 victims through one slot, the records of
+    vmap's (the same maths, another float32 rounding: the same labels and steps, close MSEs)."""
+    from jaxleak import audit
+
+    base = ["attack", "--victims", "3", "--steps", "2", "--chunk-size", "3", "--quiet", "--json"]
+    records = {}
+    for strategy, extra in (("vmap", []), ("stream", ["--slots", "1"])):
+        code, out, err = _run(capsys, *base, "--strategy", strategy, *extra, "--out", str(tmp_path / strategy))
+        assert code == 0, err[-2000:]
+        records[strategy] = report.load_records(tmp_path / strategy)
+    for a, b in zip(records["vmap"], records["stream"]):
+        assert (a["attack_class"], a["steps"], a["evals"]) == (b["attack_class"], b["steps"], b["evals"])
+        np.testing.assert_allclose(a["mse"], b["mse"], rtol=0.05)
+    with pytest.raises(ValueError, match="slots= is the width of strategy='stream'"):
+        audit.run_audit(audit.AuditConfig(), tmp_path / "never", strategy="vmap", slots=2)
+
+
 # --------------------------------------------------------------------------
 # reproduce / bench: every script takes --quiet and --json (one JSON document on stdout, nothing else)
 # --------------------------------------------------------------------------
@@ -306,6 +324,16 @@ def test_bench_attack_json(npz_env, tmp_path, capsys):
     np.testing.assert_allclose(rows[0]["mse"], rows[1]["mse"], rtol=0.05)
 
 
+def test_bench_attack_slots(npz_env, capsys):
+    """vmap-chunks and stream at the same batch width: three victims one at a time, the same runs."""
+    res, _ = _run_json(capsys, "bench", "attack", "--victims", "3", "--torch-victims", "0", "--steps", "2",
+                       "--strategies", "vmap-chunks", "stream", "--slots", "1", "--json", "--quiet")
+    chunks, stream = res["rows"]
+    assert (chunks["strategy"], stream["strategy"], chunks["slots"], stream["slots"]) == ("vmap-chunks", "stream", 1, 1)
+    assert chunks["victims"] == stream["victims"] == 3 and chunks["outer_steps_max"] == stream["outer_steps_max"] == 2
+    assert chunks["mean_evals"] == stream["mean_evals"]
+
+
 def test_bench_attack_breakdown(tiny, monkeypatch):
     """bench_attack.breakdown times one batched objective evaluation and one outer L-BFGS step apart from the
     attack, from a state with history; the evaluations it counts are the step's."""
@@ -446,7 +474,7 @@ def test_bench_attack_pairs_the_reference_with_a_first_try_start(npz_env, monkey
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
     import bench_attack
 
-    def fake_jax(model, params, grads, x, strategy, config, seed, flops):
+    def fake_jax(model, params, grads, x, strategy, config, seed, flops, slots=None):
         mark = 1.0 if config.retries else 2.0
         return bench_attack._summary("jaxleak", len(x), 1.0, np.zeros(len(x)), np.ones(len(x)), strategy=strategy,
                                      compile_s=0.0, starts=np.full(x.shape, mark))

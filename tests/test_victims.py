@@ -259,13 +259,20 @@ sharded, loop = run(strategy="vmap", devices=devices), run(strategy="loop")
 np.testing.assert_allclose(sharded["reconstruction"], loop["reconstruction"], rtol=1e-4, atol=1e-4)
 assert sharded["label_index"].tolist() == [3, 7, 1]
 np.testing.assert_array_equal(sharded["evals"], loop["evals"])
+# "stream" over both devices: 3 victims padded to 4, 2 per device through 1 slot each (so each device refills
+# its slot once), the same runs as the loop's.
+streamed = run(strategy="stream", devices=devices, slots=1)
+np.testing.assert_allclose(streamed["reconstruction"], loop["reconstruction"], rtol=1e-4, atol=1e-4)
+np.testing.assert_array_equal(streamed["evals"], loop["evals"])
+assert streamed["label_index"].tolist() == [3, 7, 1]
 print("ok")
 """
 
 
 def test_vmap_shards_victims_over_devices(tmp_path):
     """``devices=`` under ``"vmap"``: each chunk split evenly over the devices (shard_map), each device's loops
-    ending with its own victims, results equal to one device's; two host devices in a fresh process."""
+    ending with its own victims, results equal to one device's; ``"stream"`` likewise, each device streaming its
+    share; two host devices in a fresh process."""
     import subprocess
     import sys
 
