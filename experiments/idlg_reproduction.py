@@ -70,7 +70,7 @@ def victim_image_index(seed: int, i: int, n: int) -> int:
     return int(np.random.default_rng([seed, i]).integers(n))
 
 
-def run_chunk(model, template, idx, images, labels, classes, seed, config, strategy, pool=None):
+def run_chunk(model, template, idx, images, labels, classes, seed, config, strategy, pool=None, slots=None):
     x = jnp.asarray(images[[victim_image_index(seed, i, len(images)) for i in idx]], jnp.float32) / 255.0
     y_int = np.asarray(labels[[victim_image_index(seed, i, len(images)) for i in idx]])
     y = jax.nn.one_hot(y_int, classes)
@@ -84,7 +84,8 @@ def run_chunk(model, template, idx, images, labels, classes, seed, config, strat
         # One key per victim (not per chunk) so results do not depend on the chunking.
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, m + 1), i) for i in idx])
         res_all = attacks.attack_victims(method, keys, model.apply, params, grads, x.shape[1:], config=config,
-                                         x_true=x, strategy=strategy, pool=pool)
+                                         x_true=x, strategy=strategy, pool=pool,
+                                         **({"slots": slots} if strategy == "stream" else {}))
         res_all["seconds_per_victim"] = (time.time() - t) / len(idx)
         out[method] = res_all
     return x, y_int, out
@@ -231,9 +232,12 @@ def main(argv=None) -> int:
                         "scores candidates)")
     p.add_argument("--chunk", type=int, default=None, help="victims per chunk (default: 4 for the CPU loop, 16 with processes, "
                         "256 on GPU); a chunk is the unit of resume")
-    p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap"), default="auto",
+    p.add_argument("--strategy", choices=("auto", "loop", "processes", "vmap", "stream"), default="auto",
                    help="how victims are mapped (auto: the backend's default; processes: one pinned single-device "
-                        "worker per CPU core, started once for the run; ~1.4x the CPU loop's throughput or more)")
+                        "worker per CPU core, started once for the run; ~1.4x the CPU loop's throughput or more; "
+                        "stream: --slots victims of a chunk at a time under vmap, refilled as they finish)")
+    p.add_argument("--slots", type=int, default=None,
+                   help="with --strategy stream: victims attacked at once per device (fewer than --chunk)")
     p.add_argument("--time-budget", type=float, default=float("inf"), help="stop starting chunks after this many seconds")
     add_output_flags(p)
     args = p.parse_args(argv)
@@ -247,6 +251,8 @@ def main(argv=None) -> int:
     # A chunk waits for its slowest victim (2,000 to 6,000 evaluations): with 16 the workers
     # of the processes strategy seldom stand idle at a chunk's end.
     chunk = args.chunk or (256 if backend != "cpu" else 16 if strategy == "processes" else 4)
+    if args.slots is not None and strategy != "stream":
+        p.error(f"--slots goes with --strategy stream, not {strategy}")
     head = models.head_layer(args.head)
     config = CONFIGS[args.config]
     overrides = {} if args.steps is None else {"steps": args.steps}
@@ -283,7 +289,8 @@ def main(argv=None) -> int:
                 break
             idx = todo[c:c + chunk]
             t = time.time()
-            x, y_int, res = run_chunk(model, template, idx, images, labels, classes, args.seed, config, strategy, pool)
+            x, y_int, res = run_chunk(model, template, idx, images, labels, classes, args.seed, config, strategy, pool,
+                                      args.slots)
             with log.open("a") as f:
                 for j, i in enumerate(idx):
                     row = {"victim": i, "label": int(y_int[j])}

@@ -240,6 +240,20 @@ def test_idlg_reproduction_retries_need_a_give_up_rule(npz_env, monkeypatch, tmp
     assert not (tmp_path / "victims.jsonl").exists()
 
 
+def test_idlg_reproduction_streams_a_chunk_through_slots(npz_env, monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import idlg_reproduction as repro
+
+    with pytest.raises(SystemExit):
+        repro.main(["--dataset", "mnist", "--out", str(tmp_path / "x"), "--strategy", "vmap", "--slots", "2"])
+    assert "--slots goes with --strategy stream, not vmap" in capsys.readouterr().err
+    argv = ["--dataset", "mnist", "--victims", "3", "--chunk", "3", "--steps", "2", "--quiet", "--out", str(tmp_path)]
+    assert repro.main(argv + ["--strategy", "stream", "--slots", "1"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "victims.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r[m]["steps"] == 2 for r in rows for m in ("dlg", "idlg"))
+    assert json.loads((tmp_path / "meta.json").read_text())["runs"][-1]["strategy"] == "stream"
+
+
 def test_idlg_reproduction_refuses_to_resume_another_protocol(monkeypatch, tmp_path):
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
     import idlg_reproduction as repro
