@@ -337,6 +337,19 @@ def test_stream_given_label_with_features_and_a_shared_model(tiny):
     np.testing.assert_array_equal(stream["label"], np.asarray(y))
 
 
+def test_stream_waves_and_typed_keys(tiny):
+    """chunk_size below the victim count streams them in waves (the last padded), and typed keys draw what
+    their raw key data draws: the same runs."""
+    params, grads, _ = _six(tiny)
+    run = lambda key, **kw: attacks.attack_victims("idlg", key, tiny["model"].apply, params, grads, SHAPE,
+                                                   config=_few_steps(2), strategy="stream", slots=2, **kw)
+    whole = run(jax.random.PRNGKey(9))
+    for other in (run(jax.random.PRNGKey(9), chunk_size=4), run(jax.random.wrap_key_data(jax.random.PRNGKey(9)))):
+        np.testing.assert_array_equal(other["evals"], whole["evals"])
+        np.testing.assert_allclose(other["reconstruction"], whole["reconstruction"], rtol=1e-4, atol=1e-4)  # (float32, two programs)
+        np.testing.assert_allclose(other["snapshots"][:, 0], whole["snapshots"][:, 0], rtol=1e-6)  # the same starts
+
+
 def test_stream_errors(tiny):
     run = lambda **kw: attacks.attack_victims(kw.pop("attack", "idlg"), jax.random.PRNGKey(0), tiny["model"].apply,
                                               tiny["params"], tiny["grads"], SHAPE, config=_few_steps(1), **kw)
