@@ -128,6 +128,8 @@ def _cmd_attack(args) -> int:
     from jaxleak import audit
 
     fields = {f.name for f in dataclasses.fields(audit.AuditConfig)}
+    if args.slots is not None and args.strategy != "stream":
+        raise ValueError(f"--slots goes with --strategy stream, not {args.strategy}")
     cfg = audit.AuditConfig(**{k: v for k, v in vars(args).items() if k in fields})
     log = (lambda s: None) if args.quiet else (lambda s: print(s, file=sys.stderr))
     summary = audit.run_audit(cfg, args.out, resume=args.resume, progress=not args.quiet, log=log,

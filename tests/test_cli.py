@@ -164,6 +164,8 @@ def test_attack_stream_refills_slots_with_the_chunks_victims(tmp_path, capsys):
         np.testing.assert_allclose(a["mse"], b["mse"], rtol=0.05)
     with pytest.raises(ValueError, match="slots= is the width of strategy='stream'"):
         audit.run_audit(audit.AuditConfig(), tmp_path / "never", strategy="vmap", slots=2)
+    code, _, err = _run(capsys, *base, "--slots", "2", "--out", str(tmp_path / "never"))
+    assert code == 2 and "--slots goes with --strategy stream, not auto" in err
 
 
 # --------------------------------------------------------------------------
