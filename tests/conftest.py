@@ -10,7 +10,11 @@ import pathlib
 # and XLA's older CPU emitters, without the MLIR fusion emitters, another 2.2x (a tiny-LeNet DLG program:
 # 1.1 s against 2.4-2.7 s, the same run time; 2026-12-07).
 # Set before jax starts its backend; subprocesses started by tests (the CLI smoke runs) inherit it.
-for _flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
+#: The compile-speed flags this suite runs with; a test that checks float32 results the production build
+#: gives (which point a chaotic run stalls at) runs its script without them (:func:`production_env`).
+TEST_XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+_PRODUCTION_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+for _flag in TEST_XLA_FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
@@ -53,6 +57,16 @@ def _release_compiled_programs():
     whose executables live in JAX's caches (``tests/test_victims.py`` checks this)."""
     yield
     jax.clear_caches()
+
+
+def production_env() -> dict[str, str]:
+    """This process's environment with ``XLA_FLAGS`` as it was before the suite added :data:`TEST_XLA_FLAGS`."""
+    env = dict(os.environ)
+    if _PRODUCTION_XLA_FLAGS:
+        env["XLA_FLAGS"] = _PRODUCTION_XLA_FLAGS
+    else:
+        env.pop("XLA_FLAGS", None)
+    return env
 
 
 def shared_data_dir() -> pathlib.Path | None:
