@@ -29,6 +29,9 @@
 #   carry:   [".whl", ".devdata/cifar100_subset.npz", ".devdata/lfw32_subset.npz"]
 #   timeout_s: 600
 # Step limits (seconds) and sizes can be set in the command, e.g. GPU_CIFAR_S=240 bash experiments/gpu_session.sh;
+# the default steps' limits add up to about 600 s, one call's limit, so run optional steps in a second call
+# with GPU_ONLY naming the steps to run, e.g.
+#   GPU_ONLY="env bench_stream bench_variants" GPU_STREAM_S=150 GPU_VARIANTS_S=200 bash experiments/gpu_session.sh
 # a CPU smoke run of the script itself: GPU_CIFAR_S=30 GPU_V_SMALL=2 GPU_V_LARGE=2 GPU_REPRO_VICTIMS=2 GPU_STEPS=2 GPU_CIFAR_CHUNK=2 GPU_LFW_CHUNK=2 OUT=/tmp/o bash experiments/gpu_session.sh
 set -u
 OUT=${OUT:-/tmp/gpu_session_out}
@@ -41,8 +44,9 @@ else
     export PYTHONPATH=$PWD
 fi
 LOG=$OUT/log.txt
-step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a limit, logging to $LOG
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND under a limit, logging to $LOG (only NAMEs in GPU_ONLY, if set)
     local name=$1 limit=$2; shift 2
+    if [ -n "${GPU_ONLY:-}" ] && [[ " $GPU_ONLY " != *" $name "* ]]; then return 0; fi
     echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 40
