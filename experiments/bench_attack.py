@@ -179,13 +179,12 @@ def _bench_slots(model, params, grads, x, keys, strategy, config, slots, flops) 
         res = jax.block_until_ready(compiled(keys, params, grads))
     else:
         one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, shape, config=config)
-        chunk = lambda a, s: jax.tree_util.tree_map(lambda v: v[np.minimum(np.arange(s, s + slots), n - 1)], a)
-        compiled = victims._compiled(one, (0, 0, 0), config.victim_axis, device).lower(
-            *(chunk(a, 0) for a in (keys, params, grads))).compile()
+        first = jax.tree_util.tree_map(lambda v: v[np.minimum(np.arange(slots), n - 1)], (keys, params, grads))
+        compiled = victims._compiled(one, (0, 0, 0), config.victim_axis, device).lower(*first).compile()
         compile_s = time.time() - t
-        t = time.time()
-        outs = [compiled(*(chunk(a, s) for a in (keys, params, grads))) for s in range(0, n, slots)]
-        res = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v)[:n], *jax.block_until_ready(outs))
+        t = time.time()  # as map_victims runs "vmap" chunks
+        res = jax.block_until_ready(victims._run_chunks(compiled, (keys, params, grads), (0, 0, 0), n, slots, device,
+                                                         False, "attack"))
     seconds = time.time() - t
     return _finish_jax(n, seconds, x, res.x, res.evals, res.snapshots[:, 0], flops, strategy, compile_s=compile_s,
                        devices=1, device_kind=device[0].device_kind, slots=slots,

@@ -84,8 +84,7 @@ def run_chunk(model, template, idx, images, labels, classes, seed, config, strat
         # One key per victim (not per chunk) so results do not depend on the chunking.
         keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, m + 1), i) for i in idx])
         res_all = attacks.attack_victims(method, keys, model.apply, params, grads, x.shape[1:], config=config,
-                                         x_true=x, strategy=strategy, pool=pool,
-                                         **({"slots": slots} if strategy == "stream" else {}))
+                                         x_true=x, strategy=strategy, pool=pool, slots=slots)
         res_all["seconds_per_victim"] = (time.time() - t) / len(idx)
         out[method] = res_all
     return x, y_int, out

@@ -895,13 +895,7 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
 def _stream_compiled(fn, apply_fn, shape, config, in_axes, slots, devices: tuple) -> Callable:
     """``jit`` of :func:`_stream_program`; over several devices each streams its own share (``jax.shard_map``)."""
     program = _stream_program(fn, apply_fn, shape, config, in_axes, slots)
-    if len(devices) == 1:
-        return jax.jit(program)
-    P = jax.sharding.PartitionSpec
-    mesh = jax.sharding.Mesh(np.asarray(devices, dtype=object), (_victims._DEVICE_AXIS,))
-    specs = (P(_victims._DEVICE_AXIS),) + tuple(P(_victims._DEVICE_AXIS) if ax == 0 else P() for ax in in_axes)
-    return jax.jit(jax.shard_map(program, mesh=mesh, in_specs=specs, out_specs=P(_victims._DEVICE_AXIS),
-                                 check_vma=False))
+    return _victims._jit_over_devices(program, (0, *in_axes), devices)
 
 
 def _stream_victims(fn, apply_fn, shape, config, keys, args, in_axes, *, slots, chunk_size, devices, progress):
@@ -921,26 +915,11 @@ def _stream_victims(fn, apply_fn, shape, config, keys, args, in_axes, *, slots, 
     if slots is None:
         one = _one_victim(fn, apply_fn, shape, config, len(in_axes) > 2)
         first = tuple(jax.tree_util.tree_map(lambda v: v[0], a) if ax == 0 else a for a, ax in zip(args, in_axes))
-        per_device = wave // d
-        slots = per_device if per_device <= 256 else _victims.chunk_size_for(one, (keys[0], *first), per_device)
+        slots = _victims._per_device_chunk(one, (keys[0], *first), wave // d)
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     program = _stream_compiled(fn, apply_fn, shape, config, tuple(in_axes), int(slots), devices)
-    starts = range(0, n, wave)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="attack", unit="wave")
-    outs = []
-    for s0 in starts:
-        idx = np.minimum(np.arange(s0, s0 + wave), n - 1)
-        chunk = [keys[idx]] + [jax.tree_util.tree_map(lambda v: v[idx], a) if ax == 0 else a
-                               for a, ax in zip(args, in_axes)]
-        if d == 1:
-            chunk = jax.device_put(chunk, devices[0])
-        out = program(*chunk)
-        outs.append(jax.tree_util.tree_map(lambda v: v[: min(wave, n - s0)], out))
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+    return _victims._run_chunks(program, (keys, *args), (0, *in_axes), n, wave, devices, progress, "attack")
 
 
 def _check_victims_finite(target_grads: PyTree, labels: Optional[Array], features: Optional[Array] = None) -> None:

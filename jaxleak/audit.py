@@ -234,8 +234,7 @@ def run_audit(
     use_pool = strategy == "processes" and config.attack != "labels" and starts
     with (_processes.WorkerPool(_processes.pool_size(min(config.chunk_size, config.victims))) if use_pool
           else contextlib.nullcontext()) as pool:
-        extra = {"slots": slots} if strategy == "stream" else {}
-        attack = lambda name, *a: _attacks.attack_victims(name, *a, config=acfg, strategy=strategy, pool=pool, **extra)
+        attack = lambda name, *a: _attacks.attack_victims(name, *a, config=acfg, strategy=strategy, pool=pool, slots=slots)
         for start in starts:
             ids = np.arange(start, min(config.victims, start + config.chunk_size))
             t0 = time.perf_counter()

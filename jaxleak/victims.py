@@ -201,7 +201,13 @@ def _compiled(
     """
     if in_axes is None:
         return jax.jit(fn)
-    batched = jax.vmap(fn, in_axes=in_axes, axis_name=axis_name)
+    return _jit_over_devices(jax.vmap(fn, in_axes=in_axes, axis_name=axis_name), in_axes, devices)
+
+
+def _jit_over_devices(batched: Callable, in_axes: tuple, devices: Optional[tuple]) -> Callable:
+    """``jit(batched)`` for a function of a victim axis, or over several ``devices`` ``jit(shard_map(batched))``
+    on a 1-D mesh of them: each device runs ``batched`` on its own slice of the arguments with ``in_axes`` 0
+    (the others replicated), and the outputs are concatenated along the victim axis."""
     if devices is None or len(devices) == 1:
         return jax.jit(batched)
     P = jax.sharding.PartitionSpec
@@ -209,6 +215,33 @@ def _compiled(
     specs = tuple(P(_DEVICE_AXIS) if ax == 0 else P() for ax in in_axes)
     # check_vma=False: the user's fn may hold primitives without replication rules; every output is per victim.
     return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=specs, out_specs=P(_DEVICE_AXIS), check_vma=False))
+
+
+def _per_device_chunk(fn: Callable, one_victim_args: tuple, per_device: int, memory_budget: Optional[int] = None) -> int:
+    """Victims per device in a chunk of a batched ``fn``: all ``per_device`` up to 256, else as many as fit
+    ``memory_budget`` (:func:`chunk_size_for`)."""
+    return per_device if per_device <= 256 else chunk_size_for(fn, one_victim_args, per_device, memory_budget)
+
+
+def _run_chunks(batched: Callable, args: tuple, in_axes: tuple, n: int, chunk_size: int, devices: tuple,
+                progress: bool, desc: str) -> PyTree:
+    """``batched`` (a compiled function of a victim axis) over ``n`` victims, ``chunk_size`` at a time. The
+    last chunk is padded to the chunk size by repeating its final victim, so every chunk reuses one
+    program; padding is dropped from the result."""
+    starts = range(0, n, chunk_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=desc, unit="chunk")
+    outs = []
+    for s in starts:
+        idx = np.minimum(np.arange(s, s + chunk_size), n - 1)  # pad by repeating the last victim
+        chunk = [jax.tree_util.tree_map(lambda v: v[idx], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
+        if len(devices) == 1:  # run where asked (jit follows its arguments' device), not on the default device
+            chunk = jax.device_put(chunk, devices[0])
+        out = batched(*chunk)
+        outs.append(jax.tree_util.tree_map(lambda v: v[: min(chunk_size, n - s)], out))
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
 
 
 def default_devices(strategy: str) -> tuple:
@@ -328,27 +361,12 @@ def map_victims(
 
     d = len(devices)
     if chunk_size is None:
-        per_device = -(-n // d)
-        if per_device > 256:
-            per_device = chunk_size_for(fn, tuple(take(a, ax, 0) for a, ax in zip(args, in_axes)), per_device, memory_budget)
-        chunk_size = per_device * d
+        one = tuple(take(a, ax, 0) for a, ax in zip(args, in_axes))
+        chunk_size = _per_device_chunk(fn, one, -(-n // d), memory_budget) * d
     # Every device gets the same share of a chunk: round up to a multiple of the device count (padding as below).
     chunk_size = -(-max(1, min(chunk_size, n)) // d) * d
     batched = _compiled(fn, tuple(in_axes), axis_name, devices)
-    starts = range(0, n, chunk_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="chunk")
-    outs = []
-    for s in starts:
-        idx = np.minimum(np.arange(s, s + chunk_size), n - 1)  # pad by repeating the last victim
-        chunk = [take(a, ax, idx) for a, ax in zip(args, in_axes)]
-        if d == 1:  # run where asked (jit follows its arguments' device), not on the default device
-            chunk = jax.device_put(chunk, devices[0])
-        out = batched(*chunk)
-        outs.append(jax.tree_util.tree_map(lambda v: v[: min(chunk_size, n - s)], out))
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs), *outs)
+    return _run_chunks(batched, args, in_axes, n, chunk_size, devices, progress, desc)
 
 
 def gradients(
