@@ -778,6 +778,22 @@ _PROBLEMS: dict[Callable, Callable[..., _Problem]] = {
 }
 
 
+class _Slots(NamedTuple):
+    """The ``"stream"`` driver's carry: per slot (leading axis ``slots``) the unit it runs, that unit's try
+    (from 1), the evaluations of its earlier tries, its key, its per-victim arguments and its loop carry;
+    then the next unit to start, which slots hold a unit still running, and the results by unit."""
+
+    unit: Array
+    tries: Array
+    prev_evals: Array
+    key: Array
+    args: tuple
+    carry: tuple
+    next_unit: Array
+    occupied: Array
+    outs: tuple
+
+
 def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: AttackConfig, in_axes: tuple,
                     slots: int) -> Callable:
     """``(keys, *args) -> AttackResult`` stacked over the victims of ``keys``, run ``slots`` at a time.
@@ -842,41 +858,45 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
         res_shapes = jax.eval_shape(finish_v, key, c, *a)
         outs = tuple(jnp.zeros((units, *r.shape[1:]), r.dtype) for r in res_shapes)
         ones = jnp.ones(width, jnp.int32)
-        state = (unit, ones, 0 * ones, key, tuple(a[i] for i in mapped), c, jnp.asarray(width, jnp.int32),
-                 jnp.ones(width, bool), outs)
+        state = _Slots(unit, ones, 0 * ones, key, tuple(a[i] for i in mapped), c, jnp.asarray(width, jnp.int32),
+                       jnp.ones(width, bool), outs)
 
         def full(per_slot):  # the slots' arguments: their own where mapped, the shared ones otherwise
             it = iter(per_slot)
             return tuple(next(it) if ax == 0 else arg for arg, ax in zip(args, in_axes))
 
         def refill(s, ended):
-            unit, t, prev, key, a, c, nxt, occupied, outs = s
-            res = finish_v(key, c, *full(a))
-            res = res[:5] + (res[5] + prev,) + res[6:]  # evaluations summed over the tries
-            retry = ended & (t <= config.retries) & gave_up(AttackResult(*res), config)
+            res = finish_v(s.key, s.carry, *full(s.args))
+            res = res[:5] + (res[5] + s.prev_evals,) + res[6:]  # evaluations summed over the tries
+            retry = ended & (s.tries <= config.retries) & gave_up(AttackResult(*res), config)
             final = ended & ~retry
-            where = jnp.where(final, unit, units)  # out of range: dropped
-            outs = tuple(o.at[where].set(r, mode="drop") for o, r in zip(outs, res))
-            new = nxt + jnp.cumsum(final.astype(jnp.int32)) - 1
+            where = jnp.where(final, s.unit, units)  # out of range: dropped
+            outs = tuple(o.at[where].set(r, mode="drop") for o, r in zip(s.outs, res))
+            new = s.next_unit + jnp.cumsum(final.astype(jnp.int32)) - 1
             take = final & (new < units)
-            unit = jnp.where(take, new, jnp.where(final, units, unit))
+            unit = jnp.where(take, new, jnp.where(final, units, s.unit))
             base = ukeys[jnp.clip(unit, 0, units - 1)]
-            key = jnp.where(retry[:, None], jax.vmap(jax.random.fold_in)(base, t), jnp.where(take[:, None], base, key))
+            key = jnp.where(retry[:, None], jax.vmap(jax.random.fold_in)(base, s.tries),
+                            jnp.where(take[:, None], base, s.key))
             fresh = gather(unit)
-            a = tuple(fresh[i] for i in mapped)
-            c = select(retry | take, init_v(key, *fresh), c)
-            t = jnp.where(retry, t + 1, jnp.where(take, 1, t))
-            prev = jnp.where(retry, res[5], jnp.where(take, 0, prev))
-            return unit, t, prev, key, a, c, nxt + jnp.sum(final, dtype=jnp.int32), (occupied & ~final) | take, outs
+            return _Slots(
+                unit=unit,
+                tries=jnp.where(retry, s.tries + 1, jnp.where(take, 1, s.tries)),
+                prev_evals=jnp.where(retry, res[5], jnp.where(take, 0, s.prev_evals)),
+                key=key,
+                args=tuple(fresh[i] for i in mapped),
+                carry=select(retry | take, init_v(key, *fresh), s.carry),
+                next_unit=s.next_unit + jnp.sum(final, dtype=jnp.int32),
+                occupied=(s.occupied & ~final) | take,
+                outs=outs,
+            )
 
         def body(s):
-            unit, t, prev, key, a, c, nxt, occupied, outs = s
-            c = step_v(key, c, *full(a))
-            ended = occupied & ~running_v(key, c, *full(a))
-            s = (unit, t, prev, key, a, c, nxt, occupied, outs)
+            s = s._replace(carry=step_v(s.key, s.carry, *full(s.args)))
+            ended = s.occupied & ~running_v(s.key, s.carry, *full(s.args))
             return lax.cond(jnp.any(ended), lambda s: refill(s, ended), lambda s: s, s)
 
-        outs = lax.while_loop(lambda s: jnp.any(s[7]), body, state)[-1]
+        outs = lax.while_loop(lambda s: jnp.any(s.occupied), body, state).outs
         if R > 1:
             outs = tuple(o.reshape(n, R, *o.shape[1:]) for o in outs)
             loss = outs[2]

@@ -50,8 +50,8 @@ def test_vmap_equals_per_victim(tiny, attack):
     fn = lambda k, p, g: getattr(attacks, attack)(k, tiny["model"].apply, p, g, SHAPE, config=cfg)
     keys = jax.random.split(jax.random.PRNGKey(4), 2)
     with jax.enable_x64(True):
-        f64 = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)
-        params, grads = f64(tiny["params"]), f64(tiny["grads"])
+        tiny64 = _f64(tiny)
+        params, grads = tiny64["params"], tiny64["grads"]
         batched = jax.jit(jax.vmap(fn))(keys, params, grads)
         single = jax.jit(fn)
         for i in range(2):
