@@ -287,18 +287,21 @@ def _stream_against_vmap(tiny, attack, cfg, slots, **kw):
 def test_stream_refills_slots_and_equals_vmap(tiny, attack):
     """Six victims through two slots, stopping after different numbers of steps: each slot is refilled with the
     next victim when its own stops, and every victim's run is what vmap gives it (float64: the same maths in
-    another batching, which L-BFGS amplifies to ~3e-9 relative after 6 steps)."""
+    another batching, which L-BFGS amplifies to ~3e-9 relative after 6 steps). DLG's runs also stop on the
+    stall rule (a loss that fell less than a given ratio since the last check), reported alike."""
     probe = _few_steps(3, stop_loss=0.0)
     with jax.enable_x64(True):
         tiny64 = _f64(tiny)
-        losses = _stream_against_vmap(tiny64, attack, probe, 6)[1]["loss_history"][:, 1]
-        cfg = _few_steps(6, stop_loss=float(np.median(losses)), check_every=1)
+        history = _stream_against_vmap(tiny64, attack, probe, 6)[1]["loss_history"]
+        stall = (1e9, float(np.median(history[:, 2] / history[:, 1]))) if attack == "dlg" else None
+        cfg = _few_steps(6, stop_loss=float(np.median(history[:, 1])), check_every=1, stall=stall)
         stream, vmapped = _stream_against_vmap(tiny64, attack, cfg, 2)
     assert len(set(vmapped["steps"].tolist())) > 1, vmapped["steps"]  # victims end at different steps
+    assert vmapped["stalled"].any() == (attack == "dlg"), vmapped["stalled"]
     assert stream["reconstruction"].dtype == np.float64
     for field in ("reconstruction", "label", "loss", "loss_history", "snapshots"):
         np.testing.assert_allclose(stream[field], vmapped[field], rtol=1e-7, atol=1e-10, err_msg=field)
-    for field in ("steps", "evals", "label_index", "gave_up"):
+    for field in ("steps", "evals", "label_index", "gave_up", "stalled"):
         np.testing.assert_array_equal(stream[field], vmapped[field], err_msg=field)
 
 
