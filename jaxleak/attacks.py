@@ -866,9 +866,9 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
             return tuple(next(it) if ax == 0 else arg for arg, ax in zip(args, in_axes))
 
         def refill(s, ended):
-            res = finish_v(s.key, s.carry, *full(s.args))
-            res = res[:5] + (res[5] + s.prev_evals,) + res[6:]  # evaluations summed over the tries
-            retry = ended & (s.tries <= config.retries) & gave_up(AttackResult(*res), config)
+            res = AttackResult(*finish_v(s.key, s.carry, *full(s.args)))
+            res = res._replace(evals=res.evals + s.prev_evals)  # evaluations summed over the tries
+            retry = ended & (s.tries <= config.retries) & gave_up(res, config)
             final = ended & ~retry
             where = jnp.where(final, s.unit, units)  # out of range: dropped
             outs = tuple(o.at[where].set(r, mode="drop") for o, r in zip(s.outs, res))
@@ -882,7 +882,7 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
             return _Slots(
                 unit=unit,
                 tries=jnp.where(retry, s.tries + 1, jnp.where(take, 1, s.tries)),
-                prev_evals=jnp.where(retry, res[5], jnp.where(take, 0, s.prev_evals)),
+                prev_evals=jnp.where(retry, res.evals, jnp.where(take, 0, s.prev_evals)),
                 key=key,
                 args=tuple(fresh[i] for i in mapped),
                 carry=select(retry | take, init_v(key, *fresh), s.carry),
