@@ -13,7 +13,7 @@
 #   6. only when GPU_VARIANTS_S is set: bench_attack at V = 64 over LeNet's heads (dense, blocked) and
 #      convolutions (patches, s2d), the CPU defaults' variants, which no GPU has measured yet;
 #   7. only when GPU_STREAM_S is set: bench_attack at V = 1,024 (GPU_V_LARGE) in chunks of GPU_SLOTS (default
-#      256) against attack_victims' "stream" through as many slots (refilled as victims finish).
+#      512) against attack_victims' "stream" through as many slots (refilled as victims finish).
 #
 # The device machine has JAX with CUDA, flax, optax and chex but not dm-pix, and it cannot read
 # ../shared/data. Prepare once here, in the repository root (neither is committed: both are ignored
@@ -66,7 +66,7 @@ if [ "${GPU_VARIANTS_S:-0}" -gt 0 ]; then
 fi
 if [ "${GPU_STREAM_S:-0}" -gt 0 ]; then
     step bench_stream "$GPU_STREAM_S" python3 experiments/bench_attack.py --victims "$V_LARGE" --strategies vmap-chunks \
-        stream --slots "${GPU_SLOTS:-256}" --torch-victims 0 $STEPS --out "$OUT/bench_stream.json"
+        stream --slots "${GPU_SLOTS:-512}" --torch-victims 0 $STEPS --out "$OUT/bench_stream.json"
 fi
 for ds in lfw cifar100; do
     if [ "$ds" = cifar100 ]; then limit=${GPU_CIFAR_S:-0} chunk=${GPU_CIFAR_CHUNK:-256}; else limit=${GPU_LFW_S:-120} chunk=${GPU_LFW_CHUNK:-64}; fi
