@@ -6,7 +6,13 @@ steps): first by jaxleak under each of ``--configs`` (compile time measured
 apart), then by ``experiments/torch_reference.py`` on the first
 ``--torch-victims`` of them, back to back, so the ratio is taken under the
 same machine load. Reports seconds, victims/s and *successful* victims/s
-(final MSE < 1e-3).
+(final MSE < 1e-3). jaxleak's rows also give the work done: FLOP/s and bytes/s,
+from XLA's cost analysis of one objective evaluation plus the L-BFGS history's
+four passes per inner iteration (``EvalCost``), and on an H100 or H200 their
+fractions of the float32 and TF32 peaks and of the memory bandwidth (the attack
+moves about 2.5 FLOP per byte: on a GPU it is bound by bandwidth); ``useful_*``
+counts the evaluations the victims asked for, ``executed_*`` (vmap) every
+victim running as long as the slowest of its chunk.
 
 By default the reference starts each victim's dummy image where jaxleak's run
 started (``--torch-start jaxleak``), so both solve the same problem from the
@@ -53,7 +59,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -91,26 +97,46 @@ def make_victims(data: pathlib.Path, n: int, seed: int):
 
 #: Dense peak FLOP/s by device kind (vendor data sheets): float32 on CUDA cores, and TF32 tensor cores.
 PEAK_TFLOPS = {"H100": {"float32": 66.9, "tf32": 494.7}, "H200": {"float32": 66.9, "tf32": 494.7}}
+#: Peak memory bandwidth (TB/s) by device kind, the first key found in it (vendor data sheets).
+PEAK_TB_PER_S = {"H100 PCIe": 2.0, "H100 NVL": 3.9, "H100": 3.35, "H200": 4.8}
 
 
-def flops_per_evaluation(model, params, grads, x, y_int, config: attacks.AttackConfig) -> float:
-    """XLA's FLOP count for one value-and-gradient of victim 0's matching objective (iDLG: label fixed)."""
+class EvalCost(NamedTuple):
+    """One objective evaluation's cost for one victim: ``flops`` and memory traffic ``bytes`` (XLA's cost analysis
+    of the compiled value-and-gradient), and ``history_bytes``, the L-BFGS history read per inner iteration (four
+    passes over ``S`` and ``Y``, ``history_size x n`` each: the direction's ``S g``, ``Y g`` and products back)."""
+
+    flops: float
+    bytes: float
+    history_bytes: float
+
+
+def cost_per_evaluation(model, params, grads, x, y_int, config: attacks.AttackConfig) -> EvalCost:
+    """:class:`EvalCost` of victim 0's matching objective (iDLG: label fixed). The attack is bound by memory
+    traffic rather than arithmetic on a GPU (about 2.5 FLOP per byte), so rows report both fractions of peak."""
     take = lambda t: jax.tree_util.tree_map(lambda a: a[0], t)
     label = jax.nn.one_hot(int(y_int[0]), 100)
     objective = attacks._objective(model.apply, take(params), take(grads), config, label)
     z = {"x": jnp.zeros_like(x[0])}
     cost = jax.jit(jax.value_and_grad(objective)).lower(z).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    history = (4.0 * config.lbfgs.history_size * x[0].size * x.dtype.itemsize
+               if config.optimizer == "torch_lbfgs" else 0.0)
+    return EvalCost(float(cost.get("flops", float("nan"))), float(cost.get("bytes accessed", float("nan"))), history)
 
 
-def peak_tflops() -> dict:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if k in kind), {})
+def _peak(table: dict, kind: Optional[str] = None):
+    """``table``'s entry for the first of its keys found in ``kind`` (default: the first device's kind), or None."""
+    kind = jax.devices()[0].device_kind if kind is None else kind
+    return next((v for k, v in table.items() if k in kind), None)
 
 
-def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int, flops: float = 0.0,
-              slots: Optional[int] = None) -> dict:
+def peak_tflops(kind: Optional[str] = None) -> dict:
+    return _peak(PEAK_TFLOPS, kind) or {}
+
+
+def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConfig, seed: int,
+              cost: Optional[EvalCost] = None, slots: Optional[int] = None) -> dict:
     n = x.shape[0]
     keys = jax.random.split(jax.random.PRNGKey(seed + 1), n)
     take = lambda t, i: jax.tree_util.tree_map(lambda a: a[i], t)
@@ -118,7 +144,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
     if strategy in ("vmap", "vmap-chunks", "stream"):  # as attacks.attack_victims maps victims (AttackConfig.victim_axis)
         config = dataclasses.replace(config, victim_axis=attacks.VICTIM_AXIS)
     if strategy in ("vmap-chunks", "stream"):
-        return _bench_slots(model, params, grads, x, keys, strategy, config, slots or n, flops)
+        return _bench_slots(model, params, grads, x, keys, strategy, config, slots or n, cost)
     one = lambda k, p, g: attacks.idlg(k, model.apply, p, g, (32, 32, 3), config=config)
     if strategy in ("processes", "processes-cold"):  # one pinned single-device worker per core (attack_victims' "processes")
         run = lambda k, p, g, pool: attacks.attack_victims("idlg", k, model.apply, p, g, (32, 32, 3), config=config,
@@ -136,7 +162,7 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
             t = time.time()  # processes-cold: startup and each worker's compilation inside the timed run
             res = run(keys, params, grads, pool)
             seconds = time.time() - t
-        return _finish_jax(n, seconds, x, res["reconstruction"], res["evals"], res["snapshots"][:, 0], flops, strategy,
+        return _finish_jax(n, seconds, x, res["reconstruction"], res["evals"], res["snapshots"][:, 0], cost, strategy,
                            compile_s=compile_s, devices=pool.workers, device_kind=devices[0].device_kind)
     t = time.time()
     # As attack_victims runs "vmap": sharded over every local GPU/TPU (victims.default_devices), one CPU device.
@@ -161,11 +187,11 @@ def bench_jax(model, params, grads, x, strategy: str, config: attacks.AttackConf
         gather = lambda field: jnp.stack([jax.device_put(field(o), devices[0]) for o in outs])
         rec, evals, starts = gather(lambda o: o.x), gather(lambda o: o.evals), gather(lambda o: o.snapshots[0])
     seconds = time.time() - t
-    return _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, compile_s=compile_s,
+    return _finish_jax(n, seconds, x, rec, evals, starts, cost, strategy, compile_s=compile_s,
                        devices={"loop": len(devices), "vmap": len(sharded)}.get(strategy, 1), device_kind=devices[0].device_kind)
 
 
-def _bench_slots(model, params, grads, x, keys, strategy, config, slots, flops) -> dict:
+def _bench_slots(model, params, grads, x, keys, strategy, config, slots, cost) -> dict:
     """``slots`` victims at a time on one device: ``vmap-chunks`` runs chunks of ``slots`` (each as long as its
     slowest victim), ``stream`` streams all victims through ``slots`` slots, refilled as victims finish (both
     as ``attack_victims``' ``"vmap"`` and ``"stream"`` strategies; compiled before the clock)."""
@@ -186,7 +212,7 @@ def _bench_slots(model, params, grads, x, keys, strategy, config, slots, flops) 
         res = jax.block_until_ready(victims._run_chunks(compiled, (keys, params, grads), (0, 0, 0), n, slots, device,
                                                          False, "attack"))
     seconds = time.time() - t
-    return _finish_jax(n, seconds, x, res.x, res.evals, res.snapshots[:, 0], flops, strategy, compile_s=compile_s,
+    return _finish_jax(n, seconds, x, res.x, res.evals, res.snapshots[:, 0], cost, strategy, compile_s=compile_s,
                        devices=1, device_kind=device[0].device_kind, slots=slots,
                        outer_steps_mean=float(np.mean(res.steps)), outer_steps_max=int(np.max(res.steps)))
 
@@ -291,21 +317,29 @@ def breakdown(model, params, grads, x, strategy: str, config: attacks.AttackConf
             "objective_share": calls * objective_ms / step_ms}
 
 
-def _finish_jax(n, seconds, x, rec, evals, starts, flops, strategy, **info) -> dict:
+def _finish_jax(n, seconds, x, rec, evals, starts, cost, strategy, **info) -> dict:
     mse = np.asarray(metrics.mse(jnp.asarray(rec), x))
     extra = {}
-    if flops:
+    if cost:
         evals = np.asarray(evals)
-        # Useful work: the evaluations each victim asked for. Under vmap every victim runs as many
-        # loop iterations as the slowest one (finished ones are masked), so executed work is larger.
-        extra = {"gflops_per_eval": flops / 1e9, "useful_tflops_per_s": flops * float(evals.sum()) / seconds / 1e12}
+        # Useful work: the evaluations each victim asked for (one per inner iteration). Under vmap every victim
+        # runs as many loop iterations as the slowest one (finished ones are masked), so executed work is larger.
+        runs = {"useful": float(evals.sum())}
         if strategy.startswith("vmap"):
-            extra["executed_tflops_per_s"] = flops * n * float(evals.max()) / seconds / 1e12
-        peak = peak_tflops()
-        for k, v in peak.items():
-            extra[f"useful_fraction_of_{k}_peak"] = extra["useful_tflops_per_s"] / v
-            if "executed_tflops_per_s" in extra:
-                extra[f"executed_fraction_of_{k}_peak"] = extra["executed_tflops_per_s"] / v
+            runs["executed"] = float(n * evals.max())
+        moved = cost.bytes + cost.history_bytes
+        extra = {"gflops_per_eval": cost.flops / 1e9, "objective_mb_per_eval": cost.bytes / 1e6,
+                 "history_mb_per_iteration": cost.history_bytes / 1e6}
+        for name, count in runs.items():
+            extra[f"{name}_tflops_per_s"] = cost.flops * count / seconds / 1e12
+            extra[f"{name}_tb_per_s"] = moved * count / seconds / 1e12
+        kind = info.get("device_kind")
+        for k, v in peak_tflops(kind).items():
+            for name in runs:
+                extra[f"{name}_fraction_of_{k}_peak"] = extra[f"{name}_tflops_per_s"] / v
+        bandwidth = _peak(PEAK_TB_PER_S, kind)
+        for name in runs if bandwidth else ():
+            extra[f"{name}_fraction_of_bandwidth_peak"] = extra[f"{name}_tb_per_s"] / bandwidth
     # starts: each victim's x' before step 0 (the first snapshot), for the reference's paired mode; not written out.
     return _summary("jaxleak", n, seconds, mse, np.asarray(evals), starts=np.asarray(starts), strategy=strategy, **info,
                     matmul_precision=str(jax.config.jax_default_matmul_precision), **extra)
@@ -441,7 +475,7 @@ def main(argv=None) -> int:
         starts, from_retries = None, False
         for (name, config), conv, head in itertools.product(configs.items(), args.convs, args.heads):
             model = models.LeNet(100, conv=conv, head=head)  # the same parameters whatever the convolution and head
-            flops = flops_per_evaluation(model, params, grads, x, y_int, config)
+            cost = cost_per_evaluation(model, params, grads, x, y_int, config)
             for strategy in args.strategies:
                 s = attacks.DEFAULT_STRATEGY.get(backend, "vmap") if strategy == "auto" else strategy
                 parts = None
@@ -450,7 +484,7 @@ def main(argv=None) -> int:
                     parts = breakdown(model, params, grads, x, s, config, args.seed)
                     o.report(json.dumps({"V": v, "config": name, "conv": conv, "head": head, "breakdown": parts}))
                 rows.append({"V": v, "backend": backend, "config": name, "conv": conv, "head": head, "steps": config.steps,
-                             **bench_jax(model, params, grads, x, s, config, args.seed, flops, args.slots),
+                             **bench_jax(model, params, grads, x, s, config, args.seed, cost, args.slots),
                              **({} if parts is None else {"breakdown": parts})})
                 # A retried victim's x' before step 0 is its last try's start: the reference takes a first try's.
                 run_starts = rows[-1].pop("starts")

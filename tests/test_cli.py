@@ -338,6 +338,28 @@ def test_bench_attack_json(npz_env, tmp_path, capsys):
     # AttackConfig.victim_axis: the same attack from the same starts, as a different program whose float32
     # rounding the chaotic L-BFGS grows (1e-3 relative after these 2 steps); test_attacks pins the equality.
     np.testing.assert_allclose(rows[0]["mse"], rows[1]["mse"], rtol=0.05)
+    for row in res["rows"]:  # the objective's traffic from XLA, the history's four passes of 100 x 3,072 floats
+        assert row["objective_mb_per_eval"] > 0 and row["history_mb_per_iteration"] == 4 * 100 * 3072 * 4 / 1e6
+        assert row["executed_tb_per_s"] >= row["useful_tb_per_s"] > 0
+        assert not any(k.endswith("bandwidth_peak") for k in row)  # no peak for a CPU
+
+
+def test_bench_attack_fractions_of_a_gpus_peaks(monkeypatch):
+    """Each row's work against the device's float32 and TF32 FLOP/s and its memory bandwidth, both per
+    evaluation a victim asked for and per evaluation vmap executed (every victim as long as the slowest)."""
+    monkeypatch.syspath_prepend(str(cli._experiments_dir()))
+    import bench_attack
+
+    cost = bench_attack.EvalCost(flops=2e7, bytes=8e6, history_bytes=5e6)
+    x = jnp.zeros((2, 4, 4, 1))
+    row = lambda kind: bench_attack._finish_jax(2, 10.0, x, x, np.array([100, 300]), x, cost, "vmap", device_kind=kind)
+    sxm, pcie = row("NVIDIA H100 80GB HBM3"), row("NVIDIA H100 PCIe")
+    assert sxm["useful_tb_per_s"] == pytest.approx(13e6 * 400 / 10 / 1e12)
+    assert sxm["executed_tb_per_s"] == pytest.approx(13e6 * 600 / 10 / 1e12)
+    assert sxm["useful_fraction_of_bandwidth_peak"] == pytest.approx(sxm["useful_tb_per_s"] / 3.35)
+    assert pcie["useful_fraction_of_bandwidth_peak"] == pytest.approx(sxm["useful_tb_per_s"] / 2.0)
+    assert sxm["executed_fraction_of_float32_peak"] == pytest.approx(2e7 * 600 / 10 / 1e12 / 66.9)
+    assert "useful_fraction_of_bandwidth_peak" not in row("cpu")
 
 
 def test_bench_attack_slots(npz_env, capsys):
@@ -504,7 +526,7 @@ def test_bench_attack_pairs_the_reference_with_a_first_try_start(npz_env, monkey
 
     monkeypatch.setattr(bench_attack, "bench_jax", fake_jax)
     monkeypatch.setattr(bench_attack, "bench_torch", fake_torch)
-    monkeypatch.setattr(bench_attack, "flops_per_evaluation", lambda *a: 0.0)
+    monkeypatch.setattr(bench_attack, "cost_per_evaluation", lambda *a: None)
     base = ["--victims", "2", "--torch-victims", "2", "--quiet", "--json"]
     assert bench_attack.main(base + ["--configs", "paper", "retries"]) == 0
     assert bench_attack.main(base + ["--configs", "retries", "paper"]) == 0
