@@ -794,8 +794,12 @@ class _Slots(NamedTuple):
     outs: tuple
 
 
+#: The stream refills at most this many slots per outer step, or an eighth of its slots if more.
+STREAM_REFILL = 8
+
+
 def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: AttackConfig, in_axes: tuple,
-                    slots: int) -> Callable:
+                    slots: int, refill: Optional[int] = None) -> Callable:
     """``(keys, *args) -> AttackResult`` stacked over the victims of ``keys``, run ``slots`` at a time.
 
     Every slot holds one victim's run (one try of one restart: a *unit*); all slots take one outer step
@@ -804,7 +808,10 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
     ``config.give_up`` abandoned it and tries are left (``_with_retries``' keys and summed evaluations),
     else with the next unit not yet started. So a slot is idle only once no unit is left to start, and the
     batched loop runs about ``units * mean / slots + max`` outer steps where a chunked vmap runs
-    ``units / slots * max``. Restarts are units of their own; the lowest finite loss wins, as
+    ``units / slots * max``. At most ``refill`` slots are refilled per step (default :data:`STREAM_REFILL`, or
+    an eighth of the slots if more; more that end together wait a step, idle): a refill finishes and restarts
+    only the rows it refills, so with hundreds of slots, where some run ends in nearly every step, it costs
+    a small batch, not a whole one. Restarts are units of their own; the lowest finite loss wins, as
     ``_with_restarts``. ``args``: ``(variables, target_grads[, labels[, features]])`` with ``in_axes``
     0 (per victim) or None (shared); ``keys`` raw ``uint32`` keys, one per victim.
     """
@@ -842,6 +849,8 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
         units = n * R
         ukeys = keys if R == 1 else jax.vmap(lambda k: jax.random.split(k, R))(keys).reshape(units, *keys.shape[1:])
         width = min(slots, units)
+        per_step = max(STREAM_REFILL, -(-width // 8)) if refill is None else refill
+        per_step = min(width, max(1, per_step))  # slots refilled per outer step, at most
         mapped = [i for i, ax in enumerate(in_axes) if ax == 0]
 
         def gather(unit):  # the per-victim arguments of each slot's unit; shared ones as they are
@@ -865,36 +874,44 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
             it = iter(per_slot)
             return tuple(next(it) if ax == 0 else arg for arg, ax in zip(args, in_axes))
 
-        def refill(s, ended):
-            res = AttackResult(*finish_v(s.key, s.carry, *full(s.args)))
-            res = res._replace(evals=res.evals + s.prev_evals)  # evaluations summed over the tries
-            retry = ended & (s.tries <= config.retries) & gave_up(res, config)
-            final = ended & ~retry
-            where = jnp.where(final, s.unit, units)  # out of range: dropped
+        def refill_ended(s, ended):
+            # The first per_step ended slots (ascending), each finished and refilled; more wait for the next step
+            # (their runs have ended: stepping them changes nothing). Only those rows are read and written.
+            idx = jnp.nonzero(ended, size=per_step, fill_value=width)[0]
+            valid = idx < width
+            rows = jnp.minimum(idx, width - 1)
+            take_rows = lambda t: jax.tree_util.tree_map(lambda x: x[rows], t)
+            put_rows = lambda t, new: jax.tree_util.tree_map(lambda x, u: x.at[idx].set(u, mode="drop"), t, new)
+            key, carry, a = s.key[rows], take_rows(s.carry), take_rows(s.args)
+            unit, tries, prev = s.unit[rows], s.tries[rows], s.prev_evals[rows]
+            res = AttackResult(*finish_v(key, carry, *full(a)))
+            res = res._replace(evals=res.evals + prev)  # evaluations summed over the tries
+            retry = valid & (tries <= config.retries) & gave_up(res, config)
+            final = valid & ~retry
+            where = jnp.where(final, unit, units)  # out of range: dropped
             outs = tuple(o.at[where].set(r, mode="drop") for o, r in zip(s.outs, res))
             new = s.next_unit + jnp.cumsum(final.astype(jnp.int32)) - 1
             take = final & (new < units)
-            unit = jnp.where(take, new, jnp.where(final, units, s.unit))
+            unit = jnp.where(take, new, jnp.where(final, units, unit))
             base = ukeys[jnp.clip(unit, 0, units - 1)]
-            key = jnp.where(retry[:, None], jax.vmap(jax.random.fold_in)(base, s.tries),
-                            jnp.where(take[:, None], base, s.key))
+            key = jnp.where(retry[:, None], jax.vmap(jax.random.fold_in)(base, tries), jnp.where(take[:, None], base, key))
             fresh = gather(unit)
             return _Slots(
-                unit=unit,
-                tries=jnp.where(retry, s.tries + 1, jnp.where(take, 1, s.tries)),
-                prev_evals=jnp.where(retry, res.evals, jnp.where(take, 0, s.prev_evals)),
-                key=key,
-                args=tuple(fresh[i] for i in mapped),
-                carry=select(retry | take, init_v(key, *fresh), s.carry),
+                unit=s.unit.at[idx].set(unit, mode="drop"),
+                tries=s.tries.at[idx].set(jnp.where(retry, tries + 1, jnp.where(take, 1, tries)), mode="drop"),
+                prev_evals=s.prev_evals.at[idx].set(jnp.where(retry, res.evals, jnp.where(take, 0, prev)), mode="drop"),
+                key=s.key.at[idx].set(key, mode="drop"),
+                args=put_rows(s.args, tuple(fresh[i] for i in mapped)),
+                carry=put_rows(s.carry, select(retry | take, init_v(key, *fresh), carry)),
                 next_unit=s.next_unit + jnp.sum(final, dtype=jnp.int32),
-                occupied=(s.occupied & ~final) | take,
+                occupied=s.occupied.at[idx].set(retry | take, mode="drop"),
                 outs=outs,
             )
 
         def body(s):
             s = s._replace(carry=step_v(s.key, s.carry, *full(s.args)))
             ended = s.occupied & ~running_v(s.key, s.carry, *full(s.args))
-            return lax.cond(jnp.any(ended), lambda s: refill(s, ended), lambda s: s, s)
+            return lax.cond(jnp.any(ended), lambda s: refill_ended(s, ended), lambda s: s, s)
 
         outs = lax.while_loop(lambda s: jnp.any(s.occupied), body, state).outs
         if R > 1:
@@ -912,9 +929,9 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
 
 
 @functools.lru_cache(maxsize=32)
-def _stream_compiled(fn, apply_fn, shape, config, in_axes, slots, devices: tuple) -> Callable:
+def _stream_compiled(fn, apply_fn, shape, config, in_axes, slots, devices: tuple, refill: Optional[int] = None) -> Callable:
     """``jit`` of :func:`_stream_program`; over several devices each streams its own share (``jax.shard_map``)."""
-    program = _stream_program(fn, apply_fn, shape, config, in_axes, slots)
+    program = _stream_program(fn, apply_fn, shape, config, in_axes, slots, refill)
     return _victims._jit_over_devices(program, (0, *in_axes), devices)
 
 

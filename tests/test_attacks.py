@@ -305,9 +305,31 @@ def test_stream_refills_slots_and_equals_vmap(tiny, attack):
         np.testing.assert_array_equal(stream[field], vmapped[field], err_msg=field)
 
 
-def test_stream_retries_and_restarts_equal_vmap(tiny):
+@pytest.fixture
+def refill_one_per_step(monkeypatch):
+    """The stream refills one slot per outer step (attacks.STREAM_REFILL = 1): slots ending together wait."""
+    monkeypatch.setattr(attacks, "STREAM_REFILL", 1)
+    attacks._stream_compiled.cache_clear()
+    yield
+    attacks._stream_compiled.cache_clear()  # no program traced with it outlives the test
+
+
+def test_stream_refills_at_most_its_refill_width_per_step(tiny, refill_one_per_step):
+    """Every run ends at the first check, so all three slots end together; refilled one per step, the other two
+    wait (their ended runs unchanged by the steps they sit out), and every victim's run is still vmap's."""
+    with jax.enable_x64(True):
+        stream, vmapped = _stream_against_vmap(_f64(tiny), "idlg", _few_steps(3, stop_loss=1e30, check_every=1), 3)
+    np.testing.assert_array_equal(vmapped["steps"], 1)
+    for field in ("steps", "evals", "gave_up"):
+        np.testing.assert_array_equal(stream[field], vmapped[field], err_msg=field)
+    for field in ("reconstruction", "loss", "loss_history", "snapshots"):
+        np.testing.assert_allclose(stream[field], vmapped[field], rtol=1e-9, atol=1e-12, err_msg=field)
+
+
+def test_stream_retries_and_restarts_equal_vmap(tiny, refill_one_per_step):
     """Retries refill a slot with the victim's next try (its key folded with the try number, evaluations summed),
-    restarts are units of their own with the lowest loss kept: the same tries and results as vmap's."""
+    restarts are units of their own with the lowest loss kept: the same tries and results as vmap's (refilling
+    one slot per step, so tries and units that end together also wait their turn)."""
     with jax.enable_x64(True):
         tiny = _f64(tiny)
         probe = _stream_against_vmap(tiny, "idlg", _few_steps(2, stop_loss=0.0, restarts=2), 6)[1]
