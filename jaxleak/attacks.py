@@ -564,6 +564,21 @@ def keep_best(result: AttackResult, snapshot_every: int) -> tuple[Array, Array]:
     return jnp.concatenate([result.x[None], result.snapshots[1:]])[i], losses[i]
 
 
+def _tries_again(t: Array, result: AttackResult, config: AttackConfig) -> Array:
+    """Whether try ``t`` (from 1), which gave ``result``, is followed by another: ``config.give_up`` abandoned it and
+    fewer than ``config.retries`` retries were made. The next try starts from ``jax.random.fold_in(key, t)``."""
+    return (t <= config.retries) & gave_up(result, config)
+
+
+def _best_restart(outs: tuple, axis: int = 0) -> tuple:
+    """``outs`` (``AttackResult``'s fields) at the restart with the lowest finite final loss (field 2) along
+    ``axis``, which is dropped."""
+    loss = outs[2]
+    best = jnp.argmin(jnp.where(jnp.isfinite(loss), loss, jnp.inf), axis=axis, keepdims=True)
+    return tuple(jnp.take_along_axis(o, best.reshape(best.shape + (1,) * (o.ndim - best.ndim)), axis=axis).squeeze(axis)
+                 for o in outs)
+
+
 def _with_retries(run_one: Callable[..., tuple], config: AttackConfig) -> Callable[[Array], tuple]:
     """``run_one`` tried again from a fresh start while ``config.give_up`` abandons it, at most ``config.retries`` times."""
     if not config.retries:
@@ -574,11 +589,11 @@ def _with_retries(run_one: Callable[..., tuple], config: AttackConfig) -> Callab
 
         def cond(c):
             t, out = c
-            return _lbfgs.any_running((t <= config.retries) & gave_up(AttackResult(*out), config), config.victim_axis)
+            return _lbfgs.any_running(_tries_again(t, AttackResult(*out), config), config.victim_axis)
 
         def body(c):
             t, out = c
-            again = (t <= config.retries) & gave_up(AttackResult(*out), config)
+            again = _tries_again(t, AttackResult(*out), config)
             new = run_one(jax.random.fold_in(key, t), active=again)
             new = new[:5] + (new[5] + out[5],) + new[6:]  # evaluations summed over the tries
             return t + 1, jax.tree_util.tree_map(lambda a, b: jnp.where(again, a, b), new, out)
@@ -593,9 +608,7 @@ def _with_restarts(run_one: Callable[..., tuple], key: Array, config: AttackConf
     if config.restarts == 1:
         out = run_one(key)
         return AttackResult(*out)
-    outs = jax.vmap(run_one)(jax.random.split(key, config.restarts))
-    best = jnp.argmin(jnp.where(jnp.isfinite(outs[2]), outs[2], jnp.inf))
-    return AttackResult(*jax.tree_util.tree_map(lambda a: a[best], outs))
+    return AttackResult(*_best_restart(jax.vmap(run_one)(jax.random.split(key, config.restarts))))
 
 
 class _Problem(NamedTuple):
@@ -851,11 +864,15 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
         width = min(slots, units)
         per_step = max(STREAM_REFILL, -(-width // 8)) if refill is None else refill
         per_step = min(width, max(1, per_step))  # slots refilled per outer step, at most
-        mapped = [i for i, ax in enumerate(in_axes) if ax == 0]
+        per_victim = tuple(a for a, ax in zip(args, in_axes) if ax == 0)
 
-        def gather(unit):  # the per-victim arguments of each slot's unit; shared ones as they are
+        def gather(unit):  # the per-victim arguments of each slot's unit
             v = jnp.clip(unit, 0, units - 1) // R
-            return tuple(jax.tree_util.tree_map(lambda x: x[v], a) if ax == 0 else a for a, ax in zip(args, in_axes))
+            return tuple(jax.tree_util.tree_map(lambda x: x[v], a) for a in per_victim)
+
+        def full(per_slot):  # the slots' arguments: their own where mapped, the shared ones otherwise
+            it = iter(per_slot)
+            return tuple(next(it) if ax == 0 else arg for arg, ax in zip(args, in_axes))
 
         def select(mask, new, old):
             return jax.tree_util.tree_map(lambda u, w: jnp.where(mask.reshape(-1, *(1,) * (u.ndim - 1)), u, w), new, old)
@@ -863,16 +880,11 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
         unit = jnp.arange(width, dtype=jnp.int32)
         key = ukeys[:width]
         a = gather(unit)
-        c = init_v(key, *a)
-        res_shapes = jax.eval_shape(finish_v, key, c, *a)
+        c = init_v(key, *full(a))
+        res_shapes = jax.eval_shape(finish_v, key, c, *full(a))
         outs = tuple(jnp.zeros((units, *r.shape[1:]), r.dtype) for r in res_shapes)
         ones = jnp.ones(width, jnp.int32)
-        state = _Slots(unit, ones, 0 * ones, key, tuple(a[i] for i in mapped), c, jnp.asarray(width, jnp.int32),
-                       jnp.ones(width, bool), outs)
-
-        def full(per_slot):  # the slots' arguments: their own where mapped, the shared ones otherwise
-            it = iter(per_slot)
-            return tuple(next(it) if ax == 0 else arg for arg, ax in zip(args, in_axes))
+        state = _Slots(unit, ones, 0 * ones, key, a, c, jnp.asarray(width, jnp.int32), jnp.ones(width, bool), outs)
 
         def refill_ended(s, ended):
             # The first per_step ended slots (ascending), each finished and refilled; more wait for the next step
@@ -886,7 +898,7 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
             unit, tries, prev = s.unit[rows], s.tries[rows], s.prev_evals[rows]
             res = AttackResult(*finish_v(key, carry, *full(a)))
             res = res._replace(evals=res.evals + prev)  # evaluations summed over the tries
-            retry = valid & (tries <= config.retries) & gave_up(res, config)
+            retry = valid & _tries_again(tries, res, config)
             final = valid & ~retry
             where = jnp.where(final, unit, units)  # out of range: dropped
             outs = tuple(o.at[where].set(r, mode="drop") for o, r in zip(s.outs, res))
@@ -901,8 +913,8 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
                 tries=s.tries.at[idx].set(jnp.where(retry, tries + 1, jnp.where(take, 1, tries)), mode="drop"),
                 prev_evals=s.prev_evals.at[idx].set(jnp.where(retry, res.evals, jnp.where(take, 0, prev)), mode="drop"),
                 key=s.key.at[idx].set(key, mode="drop"),
-                args=put_rows(s.args, tuple(fresh[i] for i in mapped)),
-                carry=put_rows(s.carry, select(retry | take, init_v(key, *fresh), carry)),
+                args=put_rows(s.args, fresh),
+                carry=put_rows(s.carry, select(retry | take, init_v(key, *full(fresh)), carry)),
                 next_unit=s.next_unit + jnp.sum(final, dtype=jnp.int32),
                 occupied=s.occupied.at[idx].set(retry | take, mode="drop"),
                 outs=outs,
@@ -915,10 +927,7 @@ def _stream_program(fn: Callable, apply_fn: ApplyFn, shape: tuple, config: Attac
 
         outs = lax.while_loop(lambda s: jnp.any(s.occupied), body, state).outs
         if R > 1:
-            outs = tuple(o.reshape(n, R, *o.shape[1:]) for o in outs)
-            loss = outs[2]
-            best = jnp.argmin(jnp.where(jnp.isfinite(loss), loss, jnp.inf), axis=1)
-            outs = tuple(jnp.take_along_axis(o, best.reshape(n, 1, *(1,) * (o.ndim - 2)), axis=1)[:, 0] for o in outs)
+            outs = _best_restart(tuple(o.reshape(n, R, *o.shape[1:]) for o in outs), axis=1)
         return AttackResult(*outs)
 
     def program(keys, *args):
@@ -951,8 +960,7 @@ def _stream_victims(fn, apply_fn, shape, config, keys, args, in_axes, *, slots, 
     wave = -(-max(1, min(chunk_size or n, n)) // d) * d
     if slots is None:
         one = _one_victim(fn, apply_fn, shape, config, len(in_axes) > 2)
-        first = tuple(jax.tree_util.tree_map(lambda v: v[0], a) if ax == 0 else a for a, ax in zip(args, in_axes))
-        slots = _victims._per_device_chunk(one, (keys[0], *first), wave // d)
+        slots = _victims._per_device_chunk(one, (keys[0], *_victims._take(args, in_axes, 0)), wave // d)
     if slots < 1:
         raise ValueError(f"slots must be >= 1, got {slots}")
     program = _stream_compiled(fn, apply_fn, shape, config, tuple(in_axes), int(slots), devices)

@@ -223,6 +223,11 @@ def _per_device_chunk(fn: Callable, one_victim_args: tuple, per_device: int, mem
     return per_device if per_device <= 256 else chunk_size_for(fn, one_victim_args, per_device, memory_budget)
 
 
+def _take(args: tuple, in_axes: Sequence[Optional[int]], sl) -> tuple:
+    """Victims ``sl`` (an index or an index array) of each argument with ``in_axes`` 0; the others as they are."""
+    return tuple(jax.tree_util.tree_map(lambda v: v[sl], a) if ax == 0 else a for a, ax in zip(args, in_axes))
+
+
 def _run_chunks(batched: Callable, args: tuple, in_axes: tuple, n: int, chunk_size: int, devices: tuple,
                 progress: bool, desc: str) -> PyTree:
     """``batched`` (a compiled function of a victim axis) over ``n`` victims, ``chunk_size`` at a time. The
@@ -236,7 +241,7 @@ def _run_chunks(batched: Callable, args: tuple, in_axes: tuple, n: int, chunk_si
     outs = []
     for s in starts:
         idx = np.minimum(np.arange(s, s + chunk_size), n - 1)  # pad by repeating the last victim
-        chunk = [jax.tree_util.tree_map(lambda v: v[idx], a) if ax == 0 else a for a, ax in zip(args, in_axes)]
+        chunk = _take(args, in_axes, idx)
         if len(devices) == 1:  # run where asked (jit follows its arguments' device), not on the default device
             chunk = jax.device_put(chunk, devices[0])
         out = batched(*chunk)
@@ -338,7 +343,6 @@ def map_victims(
     if not devices:
         raise ValueError("devices= is empty")
 
-    take = lambda a, ax, sl: jax.tree_util.tree_map(lambda v: v[sl], a) if ax == 0 else a
     if strategy == "loop":
         single = _compiled(fn, None)
         # Dispatch is asynchronous: with several devices (e.g. XLA's
@@ -351,7 +355,7 @@ def map_victims(
 
             it = tqdm(it, desc=desc, unit="victim")
         for i in it:
-            one = [take(a, ax, i) for a, ax in zip(args, in_axes)]
+            one = _take(args, in_axes, i)
             if len(devices) > 1:
                 one = jax.device_put(one, devices[i % len(devices)])
             outs.append(single(*one))
@@ -361,8 +365,7 @@ def map_victims(
 
     d = len(devices)
     if chunk_size is None:
-        one = tuple(take(a, ax, 0) for a, ax in zip(args, in_axes))
-        chunk_size = _per_device_chunk(fn, one, -(-n // d), memory_budget) * d
+        chunk_size = _per_device_chunk(fn, _take(args, in_axes, 0), -(-n // d), memory_budget) * d
     # Every device gets the same share of a chunk: round up to a multiple of the device count (padding as below).
     chunk_size = -(-max(1, min(chunk_size, n)) // d) * d
     batched = _compiled(fn, tuple(in_axes), axis_name, devices)
