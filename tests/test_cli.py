@@ -512,7 +512,7 @@ def test_bench_attack_pairs_the_reference_with_a_first_try_start(npz_env, monkey
     monkeypatch.syspath_prepend(str(cli._experiments_dir()))
     import bench_attack
 
-    def fake_jax(model, params, grads, x, strategy, config, seed, flops, slots=None):
+    def fake_jax(model, params, grads, x, strategy, config, seed, cost, slots=None):
         mark = 1.0 if config.retries else 2.0
         return bench_attack._summary("jaxleak", len(x), 1.0, np.zeros(len(x)), np.ones(len(x)), strategy=strategy,
                                      compile_s=0.0, starts=np.full(x.shape, mark))
